@@ -1,0 +1,350 @@
+"""``EWCCallback``: consolidates each task when its ``fit`` ends and holds the state the penalty needs."""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+
+from lightning_ewc._lightning import Callback, rank_zero_info, rank_zero_warn
+from lightning_ewc.consolidation import ConsolidatedState, check_mode, quadratic_penalty
+from lightning_ewc.fisher import (
+    FISHER_ESTIMATORS,
+    ImportanceSums,
+    accumulate_importance,
+    limit_samples,
+    move_to_device,
+)
+from lightning_ewc.importance import IMPORTANCES, PathIntegral, uniform_importance
+
+FisherData = DataLoader | Callable[[Any], Iterable] | None
+
+
+class EWCCallback(Callback):
+    """Elastic Weight Consolidation for any ``LightningModule`` that inherits :class:`~lightning_ewc.EWCMixin`.
+
+    Each ``trainer.fit`` is one task. When a fit's training ends normally (max epochs/steps, early stopping; not on
+    an exception or interrupt), the callback snapshots the weights θ*_t and estimates the importance F_t on that
+    task's training data; the mixin then adds (λ/2) Σ_t Σ_i F_t,i (θ_i − θ*_t,i)² to every later training loss.
+
+    Args:
+        ewc_lambda: λ ≥ 0, the strength of the penalty. We use the ½ of Kirkpatrick et al. and van de Ven: a library
+            that writes λ Σ F (θ − θ*)² without the ½ needs half our λ for the same penalty.
+        mode: ``"separate"`` (one spring per earlier task, the original EWC) or ``"online"`` (Schwarz et al. 2018:
+            F̃ ← γ F̃ + F_t, anchored at the latest weights). Either way the state is two parameter-sized tensors.
+        gamma: γ ∈ (0, 1], the decay of older importance in ``online`` mode.
+        importance: ``"fisher"`` (EWC), ``"l2"`` (uniform importance), ``"mas"`` (Aljundi et al. 2018) or ``"si"``
+            (Zenke et al. 2017, path integral with damping ``si_damping``).
+        fisher: the Fisher estimator: ``"exact"``, ``"sampled"``, ``"empirical"`` or ``"batched"``.
+        num_samples: estimate on at most this many samples (a seeded random subset); None: the whole dataset.
+        fisher_dataloader: the data to estimate on, instead of the training dataloader of the fit: a ``DataLoader``
+            or a callable ``trainer -> DataLoader``.
+        fisher_batch_size: batch size of the estimation pass; default the training dataloader's.
+        include / exclude: glob patterns on parameter names (e.g. ``"heads.*"``); by default every trainable
+            parameter is consolidated. Frozen parameters are skipped.
+        si_damping: ξ of Synaptic Intelligence.
+        seed: seeds the subset drawn for ``num_samples`` and the labels drawn by ``sampled``.
+    """
+
+    def __init__(
+        self,
+        ewc_lambda: float = 1.0,
+        mode: str = "separate",
+        gamma: float = 1.0,
+        importance: str = "fisher",
+        fisher: str = "exact",
+        num_samples: int | None = None,
+        fisher_dataloader: FisherData = None,
+        fisher_batch_size: int | None = None,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] = (),
+        si_damping: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(ewc_lambda, (int, float)) or ewc_lambda < 0:
+            raise ValueError(f"ewc_lambda must be a number >= 0 (the penalty strength λ); got {ewc_lambda!r}")
+        check_mode(mode, gamma)
+        if importance not in IMPORTANCES:
+            raise ValueError(f"unknown importance {importance!r}; choose one of {IMPORTANCES}")
+        if fisher not in FISHER_ESTIMATORS:
+            raise ValueError(f"unknown Fisher estimator {fisher!r}; choose one of {FISHER_ESTIMATORS}")
+        if num_samples is not None and (not isinstance(num_samples, int) or num_samples <= 0):
+            raise ValueError(f"num_samples must be a positive integer or None (all samples); got {num_samples!r}")
+        if isinstance(include, str) or isinstance(exclude, str):
+            raise TypeError("include/exclude take a list of glob patterns, e.g. exclude=['heads.*']")
+        self.ewc_lambda = float(ewc_lambda)
+        self.importance_name = importance
+        self.fisher = fisher
+        self.num_samples = num_samples
+        self.fisher_dataloader = fisher_dataloader
+        self.fisher_batch_size = fisher_batch_size
+        self.include = list(include) if include is not None else None
+        self.exclude = list(exclude)
+        self.seed = seed
+        self.state = ConsolidatedState(mode=mode, gamma=gamma)
+        self.path_integral = PathIntegral(si_damping) if importance == "si" else None
+        self.last_routes: dict[str, str] = {}
+        self._version = 0  # bumped whenever the state changes; invalidates the penalty cache
+        self._penalty_cache: tuple | None = None
+        self._fit_start_step: int | None = None
+        self._stepped = False
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Properties
+    # ------------------------------------------------------------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        return self.state.mode
+
+    @property
+    def num_tasks(self) -> int:
+        """Tasks consolidated so far."""
+        return self.state.num_tasks
+
+    def num_bytes(self) -> int:
+        """Bytes held in tensors: the consolidated state plus SI's training-time accumulators."""
+        extra = self.path_integral.num_bytes() if self.path_integral is not None else 0
+        return self.state.num_bytes() + extra
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Lightning hooks
+    # ------------------------------------------------------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        from lightning_ewc.mixin import EWCMixin
+
+        if not isinstance(pl_module, EWCMixin):
+            raise TypeError(
+                f"EWCCallback needs the LightningModule to inherit EWCMixin so that the penalty reaches the loss: "
+                f"declare `class {type(pl_module).__name__}(EWCMixin, LightningModule)`"
+            )
+        others = [cb for cb in trainer.callbacks if isinstance(cb, EWCCallback) and cb is not self]
+        if others:
+            raise ValueError("only one EWCCallback per Trainer: the mixin would not know whose penalty to add")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._fit_start_step = trainer.global_step
+        if self.path_integral is not None and not self.path_integral.active:
+            self.path_integral.begin_task(self.selected_parameters(pl_module))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.path_integral is not None and self.path_integral.active:
+            self.path_integral.before_step(self.selected_parameters(pl_module))
+            self._stepped = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._stepped and self.path_integral is not None:
+            self.path_integral.after_step(self.selected_parameters(pl_module))
+            self._stepped = False
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # on_train_end, not on_fit_end: the strategy's teardown (model moved to CPU, DDP process group) comes between.
+        if self._fit_start_step is not None and trainer.global_step == self._fit_start_step:
+            rank_zero_warn(
+                "EWCCallback: this fit ran no optimizer step, so there is no new task to consolidate. When fitting the "
+                "same Trainer again, raise `trainer.fit_loop.max_epochs` (or max_steps) first."
+            )
+            return
+        self.consolidate(pl_module, trainer=trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"version": 1, "consolidated": self.state.state_dict(), "importance": self.importance_name}
+        if self.path_integral is not None:
+            state["path_integral"] = self.path_integral.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        loaded = ConsolidatedState.from_state_dict(state_dict["consolidated"])
+        if (loaded.mode, state_dict["importance"]) != (self.state.mode, self.importance_name):
+            raise ValueError(
+                f"the checkpoint holds EWC state for mode={loaded.mode!r}, importance={state_dict['importance']!r} but "
+                f"this EWCCallback has mode={self.state.mode!r}, importance={self.importance_name!r}; construct the "
+                "callback with the checkpoint's settings to resume"
+            )
+        self.state = loaded
+        if self.path_integral is not None and "path_integral" in state_dict:
+            self.path_integral.load_state_dict(state_dict["path_integral"])
+        self._version += 1
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Consolidation
+    # ------------------------------------------------------------------------------------------------------------------
+    def selected_parameters(self, pl_module: nn.Module) -> dict[str, nn.Parameter]:
+        """Trainable parameters chosen by ``include``/``exclude``."""
+        return {name: p for name, p in pl_module.named_parameters() if p.requires_grad and self._selects(name)}
+
+    def _selects(self, name: str) -> bool:
+        if self.include is not None and not any(fnmatch.fnmatchcase(name, pat) for pat in self.include):
+            return False
+        return not any(fnmatch.fnmatchcase(name, pat) for pat in self.exclude)
+
+    def consolidate(self, pl_module: nn.Module, dataloader: FisherData = None, trainer=None) -> None:
+        """Ends a task by hand: snapshot the weights and add their importance to the state.
+
+        Called automatically at the end of every ``fit``; call it yourself from custom loops. ``dataloader``
+        overrides where the importance is estimated (default: ``fisher_dataloader``, else the fit's training data).
+        """
+        params = self.selected_parameters(pl_module)
+        if not params:
+            raise ValueError(
+                f"EWCCallback selected no parameter (include={self.include}, exclude={self.exclude}); trainable names "
+                f"look like {[n for n, p in pl_module.named_parameters() if p.requires_grad][:5]}"
+            )
+        started = time.perf_counter()
+        importance, detail = self._estimate(pl_module, params, dataloader, trainer)
+        self.state.consolidate(importance, {name: p.detach() for name, p in params.items()})
+        if self.path_integral is not None:
+            self.path_integral.end_task()
+        self._version += 1
+        rank_zero_info(
+            f"EWC: consolidated task {self.state.num_tasks} ({self.importance_name}"
+            f"{'/' + self.fisher if self.importance_name == 'fisher' else ''}{detail}) in "
+            f"{time.perf_counter() - started:.2f}s"
+        )
+
+    def _estimate(self, pl_module, params, dataloader, trainer) -> tuple[dict[str, Tensor], str]:
+        if self.importance_name == "l2":
+            return uniform_importance(params), ""
+        if self.importance_name == "si":
+            if not self.path_integral.active:
+                raise RuntimeError(
+                    "SI accumulates its importance during training, but no training step was seen for this task; "
+                    "consolidate after fitting the task with this callback on the Trainer"
+                )
+            return self.path_integral.importance(params), ""
+        estimator = "mas" if self.importance_name == "mas" else self.fisher
+        batches, world = self._estimation_batches(pl_module, dataloader, trainer)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.state.num_tasks * 7919 + _rank(trainer))
+        sums = accumulate_importance(
+            pl_module,
+            batches,
+            estimator,
+            params=params,
+            logits_fn=pl_module.ewc_logits,
+            targets_fn=pl_module.ewc_targets,
+            generator=generator,
+        )
+        if world > 1:
+            sums = _all_reduce(sums, trainer)
+        self.last_routes = sums.routes
+        routes = sorted(set(sums.routes.values()))
+        return sums.mean(), f", {sums.count} {'batches' if estimator == 'batched' else 'samples'}, {'+'.join(routes)}"
+
+    def _estimation_batches(self, pl_module, dataloader, trainer) -> tuple[Iterable, int]:
+        source = dataloader if dataloader is not None else self.fisher_dataloader
+        if source is not None and not isinstance(source, DataLoader) and callable(source):
+            source = source(trainer)
+        if source is None:
+            source = trainer.train_dataloader if trainer is not None else None
+            if source is None:
+                raise ValueError(
+                    "no data to estimate the importance on: pass `dataloader=` to consolidate(), or "
+                    "`fisher_dataloader=` to EWCCallback"
+                )
+            if not isinstance(source, DataLoader):
+                raise TypeError(
+                    f"the fit used {type(source).__name__} as training data (several dataloaders?); EWCCallback cannot "
+                    "tell which one is the task: pass `fisher_dataloader=` to EWCCallback"
+                )
+        world = trainer.world_size if trainer is not None else 1
+        rank = _rank(trainer)
+        if isinstance(source, DataLoader) and _is_map_style(source.dataset):
+            loader = self._shard(source, rank, world)
+            limit = None  # the shard already holds the (sub)sample
+        else:
+            # An iterable dataset cannot be indexed; each rank reads its own stream, up to its share of num_samples.
+            loader = source
+            limit = None if self.num_samples is None else -(-self.num_samples // world)
+        if trainer is not None:
+            transfer = trainer.strategy.batch_to_device
+        else:
+            device = next(pl_module.parameters()).device
+            transfer = lambda b: move_to_device(b, device)  # noqa: E731
+        return (transfer(batch) for batch in limit_samples(loader, limit)), world
+
+    def _shard(self, source: DataLoader, rank: int, world: int) -> DataLoader:
+        """This rank's contiguous share of the (sub)sampled indices: no DistributedSampler padding, no duplicates."""
+        n = len(source.dataset)
+        if self.num_samples is not None and self.num_samples < n:
+            generator = torch.Generator().manual_seed(self.seed + 1 + self.state.num_tasks)
+            indices = torch.randperm(n, generator=generator)[: self.num_samples].sort().values.tolist()
+        else:
+            indices = list(range(n))
+        per_rank = -(-len(indices) // world)
+        shard = indices[rank * per_rank : (rank + 1) * per_rank]
+        batch_size = self.fisher_batch_size or source.batch_size or 128
+        return DataLoader(
+            Subset(source.dataset, shard),
+            batch_size=batch_size,
+            shuffle=False,
+            collate_fn=source.collate_fn,
+            num_workers=source.num_workers,
+            pin_memory=source.pin_memory,
+        )
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Penalty
+    # ------------------------------------------------------------------------------------------------------------------
+    def penalty(self, pl_module: nn.Module) -> Tensor:
+        """(λ/2) (Σ_i F_i (θ_i − c_i)² + const): the EWC term for the module's current weights."""
+        params, importances, centres = self._aligned(pl_module)
+        if not params:
+            device = next(pl_module.parameters()).device if any(True for _ in pl_module.parameters()) else None
+            return torch.zeros((), device=device)
+        quadratic = quadratic_penalty(importances, centres, params)
+        return (0.5 * self.ewc_lambda) * (quadratic + self.state.constant)
+
+    def _aligned(self, pl_module: nn.Module) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        key = (id(pl_module), self._version)
+        if self._penalty_cache is not None and self._penalty_cache[0] == key:
+            return self._penalty_cache[1]
+        named = dict(pl_module.named_parameters())
+        params, importances, centres = [], [], []
+        for name, f in self.state.importance.items():
+            if not self._selects(name):
+                continue
+            if name not in named:
+                raise KeyError(
+                    f"parameter {name!r} was consolidated but the module has no parameter of that name any more; "
+                    f"keep the module's structure across tasks, or drop it from the penalty with exclude=[{name!r}]"
+                )
+            p = named[name]
+            if p.shape != f.shape:
+                raise ValueError(
+                    f"parameter {name!r} has shape {tuple(p.shape)} but was consolidated with shape {tuple(f.shape)}; "
+                    f"EWC cannot anchor a resized parameter. Give new classes a new parameter (e.g. a new head "
+                    f"module), or leave it out with exclude=[{name!r}]"
+                )
+            self.state.importance[name] = f.to(device=p.device, dtype=p.dtype)
+            self.state.centre[name] = self.state.centre[name].to(device=p.device, dtype=p.dtype)
+            params.append(p)
+            importances.append(self.state.importance[name])
+            centres.append(self.state.centre[name])
+        self._penalty_cache = (key, (params, importances, centres))
+        return params, importances, centres
+
+
+def _rank(trainer) -> int:
+    return trainer.global_rank if trainer is not None else 0
+
+
+def _is_map_style(dataset: Dataset) -> bool:
+    return not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
+
+
+def _all_reduce(sums: ImportanceSums, trainer) -> ImportanceSums:
+    """Sums and counts over ranks in one collective, so that F = Σ_ranks sums / Σ_ranks counts."""
+    names = list(sums.sums)
+    flat = torch.cat([sums.sums[n].reshape(-1).double() for n in names] + [torch.tensor([float(sums.count)])
+                     .to(sums.sums[names[0]].device).double()])
+    flat = trainer.strategy.reduce(flat, reduce_op="sum")
+    out, offset = {}, 0
+    for n in names:
+        t = sums.sums[n]
+        out[n] = flat[offset : offset + t.numel()].view_as(t).to(t.dtype)
+        offset += t.numel()
+    return ImportanceSums(out, int(round(flat[-1].item())), sums.routes)

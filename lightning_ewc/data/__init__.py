@@ -1,0 +1,1 @@
+"""The app's data: task streams built from standard datasets read straight into tensors."""

@@ -1,0 +1,288 @@
+"""Diagonal Fisher information (and MAS importance) of a classifier, estimated exactly per sample.
+
+For a classifier with logits z and p = softmax(z), the gradient of log p(c|x) with respect to z is ``e_c − p``, so
+every estimator is "backpropagate a vector v_n from the logits and square the per-sample gradient"
+(see :mod:`lightning_ewc.per_sample`):
+
+========== ===================================================================== ==============================
+estimator  F_i =                                                                  vectors v_n per sample
+========== ===================================================================== ==============================
+exact      E_x Σ_c p(c|x) (∂ log p(c|x)/∂θ_i)²                                    √p_c (e_c − p), c = 1..C
+sampled    E_x (∂ log p(ŷ|x)/∂θ_i)², ŷ ~ p(·|x)                                  e_ŷ − p
+empirical  E_(x,y) (∂ log p(y|x)/∂θ_i)², y the true label                         e_y − p
+batched    mean over mini-batches of (∂ mean_b log p(y|x)/∂θ_i)²                  (no per-sample gradients)
+mas        E_x |∂ ||z(x)||² / ∂θ_i|  (Aljundi et al. 2018; absolute, not squared)  2 z
+========== ===================================================================== ==============================
+
+``batched`` is what Avalanche and most EWC repositories compute: the square of a mean, not a mean of squares. It is
+offered only so that λ values from those libraries carry over; it is smaller than the Fisher by about the batch size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
+
+from lightning_ewc.per_sample import Batch, PerSampleAccumulator, batch_size_of, finite_or_raise, slice_batch
+
+FISHER_ESTIMATORS = ("exact", "sampled", "empirical", "batched")
+PER_SAMPLE_IMPORTANCES = FISHER_ESTIMATORS + ("mas",)
+
+_INPUT_KEYS = ("x", "input", "inputs", "image", "images")
+_TARGET_KEYS = ("y", "target", "targets", "label", "labels")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Batch conventions
+# ----------------------------------------------------------------------------------------------------------------------
+def default_inputs(batch: Batch) -> Any:
+    """The model input of a batch: ``batch[0]`` of a tuple/list, ``batch['x']`` (or input/image) of a dict, or the
+    batch itself."""
+    if isinstance(batch, (tuple, list)):
+        return batch[0]
+    if isinstance(batch, Mapping):
+        for key in _INPUT_KEYS:
+            if key in batch:
+                return batch[key]
+        raise KeyError(
+            f"cannot find the model input in a batch with keys {sorted(batch)}: use one of {_INPUT_KEYS}, or "
+            "override `ewc_logits(batch)` on your module (or pass `logits_fn=` to estimate_fisher)"
+        )
+    return batch
+
+
+def default_targets(batch: Batch) -> Tensor:
+    """The true labels of a batch: ``batch[1]`` of a tuple/list or ``batch['y']`` (or target/label) of a dict."""
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[1]
+    if isinstance(batch, Mapping):
+        for key in _TARGET_KEYS:
+            if key in batch:
+                return batch[key]
+    raise ValueError(
+        "the 'empirical' and 'batched' estimators need the true labels, but the batch has none "
+        f"(type {type(batch).__name__}); yield (x, y) batches, override `ewc_targets(batch)` on your module, or "
+        "pass `targets_fn=`; the 'exact' and 'sampled' estimators need no labels"
+    )
+
+
+def check_logits(logits: Any, estimator: str) -> Tensor:
+    if not isinstance(logits, Tensor) or not torch.is_floating_point(logits):
+        raise TypeError(
+            f"the {estimator!r} estimator needs the model to return class logits as a float tensor [batch, classes]; "
+            f"got {type(logits).__name__}{'' if not isinstance(logits, Tensor) else ' of dtype ' + str(logits.dtype)}. "
+            "Override `ewc_logits(batch)` on your module (or pass `logits_fn=`) to return the logits"
+        )
+    if estimator != "mas" and logits.dim() != 2:
+        raise ValueError(
+            f"the {estimator!r} estimator needs class logits of shape [batch, classes]; got shape "
+            f"{tuple(logits.shape)}. For sequence or multi-output models, return the logits to consolidate from "
+            "`ewc_logits(batch)` flattened to [samples, classes]"
+        )
+    if estimator != "mas" and logits.shape[1] < 2:
+        raise ValueError(
+            f"the {estimator!r} estimator needs at least 2 classes (softmax logits); got shape {tuple(logits.shape)}. "
+            "A single-logit binary classifier should return two logits [-z/2, z/2] from `ewc_logits`"
+        )
+    return logits
+
+
+def check_targets(targets: Any, logits: Tensor) -> Tensor:
+    if not isinstance(targets, Tensor) or targets.dtype in (torch.bool,) or torch.is_floating_point(targets):
+        raise TypeError(
+            f"true labels must be an integer tensor of class indices, got "
+            f"{type(targets).__name__}{' of dtype ' + str(targets.dtype) if isinstance(targets, Tensor) else ''}"
+        )
+    if targets.shape != logits.shape[:1]:
+        raise ValueError(f"labels of shape {tuple(targets.shape)} do not match logits of shape {tuple(logits.shape)}")
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= logits.shape[1]):
+        raise ValueError(
+            f"labels range over [{int(targets.min())}, {int(targets.max())}] but the logits have {logits.shape[1]} "
+            "classes; for a multi-head model return the current task's head from `ewc_logits` and labels local to it"
+        )
+    return targets
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Vectors to backpropagate, per estimator
+# ----------------------------------------------------------------------------------------------------------------------
+def output_vectors(
+    estimator: str,
+    logits: Tensor,
+    targets: Callable[[], Tensor],
+    generator: torch.Generator | None = None,
+) -> list[Tensor]:
+    """The vectors v (shaped like the logits) whose per-sample backpropagation gives the estimator's gradients."""
+    z = logits.detach().float()
+    if estimator == "mas":
+        return [(2 * z).to(logits.dtype)]
+    p = torch.softmax(z, dim=1)
+    if estimator == "exact":
+        eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
+        return [(p[:, c : c + 1].sqrt() * (eye[c] - p)).to(logits.dtype) for c in range(p.shape[1])]
+    if estimator == "sampled":
+        labels = torch.multinomial(p.cpu(), 1, generator=generator).squeeze(1).to(p.device)
+    elif estimator == "empirical":
+        labels = check_targets(targets(), logits)
+    else:
+        raise ValueError(f"unknown per-sample estimator {estimator!r}; choose one of {PER_SAMPLE_IMPORTANCES}")
+    return [(torch.nn.functional.one_hot(labels, p.shape[1]).to(p.dtype) - p).to(logits.dtype)]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass
+class ImportanceSums:
+    """Unnormalised sums and the number of terms they sum (samples, or mini-batches for ``batched``)."""
+
+    sums: dict[str, Tensor]
+    count: int
+    routes: dict[str, str] = field(default_factory=dict)
+
+    def mean(self) -> dict[str, Tensor]:
+        if self.count == 0:
+            raise ValueError(
+                "the importance dataloader yielded no samples: pass a non-empty dataloader (check its dataset, "
+                "`drop_last`, and `num_samples`)"
+            )
+        return {name: s / self.count for name, s in self.sums.items()}
+
+
+@contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the pass (dropout off, BatchNorm on running statistics), each submodule's mode restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def limit_samples(batches: Iterable[Batch], num_samples: int | None) -> Iterator[Batch]:
+    """The batches, cut so that at most ``num_samples`` samples are yielded (None: all)."""
+    if num_samples is not None and num_samples <= 0:
+        raise ValueError(f"num_samples must be a positive integer or None (all samples); got {num_samples}")
+    seen = 0
+    for batch in batches:
+        if num_samples is not None and seen >= num_samples:
+            return
+        n = batch_size_of(batch)
+        if n is None:
+            raise TypeError(f"a batch of type {type(batch).__name__} holds no tensor with a batch dimension")
+        if num_samples is not None and seen + n > num_samples:
+            batch, n = slice_batch(batch, 0, num_samples - seen, n), num_samples - seen
+        seen += n
+        yield batch
+
+
+def accumulate_importance(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    estimator: str = "exact",
+    *,
+    params: dict[str, nn.Parameter] | None = None,
+    logits_fn: Callable[[Batch], Tensor] | None = None,
+    targets_fn: Callable[[Batch], Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> ImportanceSums:
+    """Sums of squared per-sample gradients (``abs`` for MAS) over ``batches`` and the sample count.
+
+    The model runs in eval mode; its modes, BatchNorm buffers and ``.grad`` are left as they were. Batches must
+    already be on the model's device.
+    """
+    if estimator not in PER_SAMPLE_IMPORTANCES:
+        raise ValueError(f"unknown estimator {estimator!r}; choose one of {PER_SAMPLE_IMPORTANCES}")
+    params = trainable_parameters(model) if params is None else params
+    if logits_fn is None:
+        logits_fn = lambda batch: model(default_inputs(batch))  # noqa: E731
+    targets_fn = default_targets if targets_fn is None else targets_fn
+    checked_logits = lambda batch: check_logits(logits_fn(batch), estimator)  # noqa: E731
+    with evaluation_mode(model):
+        if estimator == "batched":
+            result = _batched_sums(params, batches, checked_logits, targets_fn)
+        else:
+            acc = PerSampleAccumulator(model, params, checked_logits, "abs" if estimator == "mas" else "sq")
+            for batch in batches:
+                acc.add_batch(batch, lambda z, b: output_vectors(estimator, z, lambda: targets_fn(b), generator))
+            result = ImportanceSums(acc.sums, acc.count, dict(acc.report.routes))
+    finite_or_raise(result.sums, f"the {estimator!r} importance")
+    return result
+
+
+def _batched_sums(params, batches, logits_fn, targets_fn) -> ImportanceSums:
+    names = list(params)
+    sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+    count = 0
+    for batch in batches:
+        logits = logits_fn(batch)
+        labels = check_targets(targets_fn(batch), logits)
+        with torch.enable_grad():
+            log_lik = torch.log_softmax(logits.float(), dim=1).gather(1, labels.unsqueeze(1)).mean()
+            grads = torch.autograd.grad(log_lik, [params[n] for n in names], allow_unused=True)
+        for name, g in zip(names, grads):
+            if g is not None:
+                sums[name] += g.float().square()
+        count += 1
+    return ImportanceSums(sums, count, {name: "batched" for name in names})
+
+
+def move_to_device(batch: Batch, device: torch.device) -> Batch:
+    return tree_map(lambda x: x.to(device) if isinstance(x, Tensor) else x, batch)
+
+
+def estimate_fisher(
+    model: nn.Module,
+    dataloader: Iterable[Batch],
+    estimator: str = "exact",
+    num_samples: int | None = None,
+    *,
+    logits_fn: Callable[[Batch], Tensor] | None = None,
+    targets_fn: Callable[[Batch], Tensor] | None = None,
+    parameters: Iterable[str] | None = None,
+    seed: int = 0,
+) -> dict[str, Tensor]:
+    """Diagonal Fisher information of ``model`` on ``dataloader``: parameter name → mean over samples.
+
+    Args:
+        model: any ``nn.Module``; by default ``model(batch[0])`` must return class logits ``[batch, classes]``.
+        dataloader: any iterable of batches (``(x, y)`` tuples, dicts, or bare inputs for ``exact``/``sampled``).
+        estimator: ``"exact"``, ``"sampled"``, ``"empirical"`` or ``"batched"`` (see the module docstring).
+        num_samples: use at most this many samples (the first ones the dataloader yields); None: all.
+        logits_fn: ``batch -> logits`` to use instead of ``model(batch[0])``, e.g. to select a task's head.
+        targets_fn: ``batch -> labels`` for ``empirical``/``batched`` instead of ``batch[1]``.
+        parameters: names of the parameters to estimate; default every parameter with ``requires_grad``.
+        seed: seeds the labels drawn by ``sampled`` (the global RNG is not touched).
+
+    Returns:
+        ``{name: Tensor}`` shaped like each parameter, float32. For ``batched`` the mean is over mini-batches.
+    """
+    if estimator not in FISHER_ESTIMATORS:
+        raise ValueError(f"unknown Fisher estimator {estimator!r}; choose one of {FISHER_ESTIMATORS}")
+    all_params = dict(model.named_parameters())
+    if parameters is None:
+        params = trainable_parameters(model)
+    else:
+        unknown = [name for name in parameters if name not in all_params]
+        if unknown:
+            raise KeyError(f"unknown parameter names {unknown}; the model has {list(all_params)[:10]} ...")
+        params = {name: all_params[name] for name in parameters}
+    device = next(iter(all_params.values())).device if all_params else torch.device("cpu")
+    generator = torch.Generator().manual_seed(seed)
+    batches = (move_to_device(b, device) for b in limit_samples(dataloader, num_samples))
+    result = accumulate_importance(
+        model, batches, estimator, params=params, logits_fn=logits_fn, targets_fn=targets_fn, generator=generator
+    )
+    return result.mean()

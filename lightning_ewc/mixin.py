@@ -1,0 +1,101 @@
+"""``EWCMixin``: adds the consolidated penalty to a LightningModule's training loss."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_ewc._lightning import rank_zero_warn
+from lightning_ewc.fisher import default_inputs, default_targets
+
+
+class EWCMixin:
+    """Mix into a ``LightningModule`` (``class Net(EWCMixin, LightningModule)``); ``training_step`` stays as it is.
+
+    With automatic optimization, the loss your ``training_step`` returns (a tensor, or a dict with ``"loss"``) gets
+    the penalty of the Trainer's :class:`~lightning_ewc.EWCCallback` added, so gradient accumulation, AMP loss
+    scaling and clipping treat it exactly like the task loss; ``ewc/penalty`` is logged every step.
+
+    With manual optimization (``self.automatic_optimization = False``) nothing is added behind your back: add
+    ``self.ewc_penalty()`` to the loss you pass to ``self.manual_backward``.
+
+    Override :meth:`ewc_logits` for multi-head / task-incremental models so that the importance pass takes the
+    log-likelihood over the current task's head, and :meth:`ewc_targets` if labels are not ``batch[1]``.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        step = cls.__dict__.get("training_step")
+        if step is not None and not getattr(step, "_adds_ewc_penalty", False):
+            cls.training_step = _adding_penalty(step)
+
+    # -- user overrides -----------------------------------------------------------------------------------------------
+    def ewc_logits(self, batch: Any) -> Tensor:
+        """Logits ``[batch, classes]`` for the importance pass. Default: ``self(x)`` on the batch's inputs.
+
+        Multi-head models return the head of the task being consolidated, e.g.
+        ``return self(batch[0])[:, self.current_task_classes]`` or ``self.heads[self.task_id](self.trunk(x))``.
+        """
+        return self(default_inputs(batch))
+
+    def ewc_targets(self, batch: Any) -> Tensor:
+        """True labels (class indices into :meth:`ewc_logits`), used by the ``empirical``/``batched`` estimators."""
+        return default_targets(batch)
+
+    # -- penalty ------------------------------------------------------------------------------------------------------
+    def ewc_penalty(self) -> Tensor:
+        """The EWC penalty for the current weights (a differentiable scalar; zero before the first consolidation)."""
+        callback = self._ewc_callback()
+        if callback is None:
+            return torch.zeros((), device=self.device)
+        return callback.penalty(self)
+
+    def _ewc_callback(self):
+        from lightning_ewc.callback import EWCCallback
+
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None:
+            return None
+        found = next((cb for cb in trainer.callbacks if isinstance(cb, EWCCallback)), None)
+        if found is None and not self.__dict__.get("_ewc_warned"):
+            self.__dict__["_ewc_warned"] = True
+            rank_zero_warn(
+                f"{type(self).__name__} inherits EWCMixin but the Trainer has no EWCCallback: training without the EWC "
+                "penalty. Add `callbacks=[EWCCallback(...)]` to the Trainer to consolidate tasks."
+            )
+        return found
+
+    def _ewc_add_to(self, output: Any) -> Any:
+        if output is None or not self.automatic_optimization:
+            return output
+        penalty = self.ewc_penalty()
+        if self._ewc_callback() is not None:
+            self.log("ewc/penalty", penalty.detach(), on_step=True, on_epoch=False)
+        if isinstance(output, Tensor):
+            return output + penalty
+        if isinstance(output, Mapping) and "loss" in output:
+            return {**output, "loss": output["loss"] + penalty}
+        raise TypeError(
+            f"EWCMixin adds the penalty to the loss returned by training_step, which must be a tensor or a dict with "
+            f"'loss'; got {type(output).__name__}"
+        )
+
+
+def _adding_penalty(step):
+    @functools.wraps(step)
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self.__dict__.get("_ewc_in_step"):  # an overriding subclass calling super().training_step()
+            return step(self, *args, **kwargs)
+        self.__dict__["_ewc_in_step"] = True
+        try:
+            output = step(self, *args, **kwargs)
+        finally:
+            self.__dict__["_ewc_in_step"] = False
+        return self._ewc_add_to(output)
+
+    training_step._adds_ewc_penalty = True
+    return training_step

@@ -1,0 +1,504 @@
+"""Sums over samples of squared (or absolute) per-sample gradients, without a loop over samples.
+
+Every importance measure here is ``Σ_n r(∂ φ_n / ∂θ)`` where ``φ_n = v_n · z_n(θ)`` is a sample's output ``z_n``
+(logits) contracted with a fixed vector ``v_n`` (for the Fisher ``v_n = e_y − p_n``, the gradient of log p(y|x)
+with respect to the logits) and ``r`` is the square or the absolute value. Autograd only ever gives the *sum* over
+samples of gradients, and squaring a sum is not a sum of squares, so we need per-sample gradients. Three routes,
+chosen per parameter, all exact:
+
+1. **Taps** on layers whose per-sample gradient is a known function of the layer's input ``a`` and the gradient
+   ``g`` at its output (Linear, Conv1d/2d, BatchNorm in eval mode, LayerNorm, GroupNorm, Embedding). One forward
+   and one backward *to the layer outputs* per vector ``v`` gives every ``g``. For a Linear layer called once on
+   2-D input the per-sample gradient is the outer product ``g_n a_nᵀ``, so ``Σ_n (g_n a_nᵀ)² = (g²)ᵀ(a²)`` and
+   ``Σ_n |g_n a_nᵀ| = |g|ᵀ|a|``: one matrix product, nothing materialised.
+2. **vmap**: ``torch.func.vmap(grad(...))`` over the samples, for every other parameter.
+3. **loop**: one sample at a time, when vmap cannot trace the model (data-dependent Python, ``.item()``, ...).
+
+A first-batch self-check compares the taps' summed gradient with autograd's batch gradient, so a tapped weight that
+is also used outside its module (tied weights through ``F.linear``) moves to the exact fallback instead of being
+silently wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+log = logging.getLogger(__name__)
+
+Batch = Any
+Reduction = str  # "sq" (sum of squares) or "abs" (sum of absolute values)
+
+# Bound on the elements of one materialised per-sample gradient block (per layer), to keep memory flat.
+_MAX_BLOCK_ELEMENTS = 16 * 1024 * 1024
+
+
+def _reduce(x: Tensor, reduction: Reduction) -> Tensor:
+    return x.square() if reduction == "sq" else x.abs()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Per-layer rules: per-sample gradients from (input, output-gradient)
+# ----------------------------------------------------------------------------------------------------------------------
+class _Rule:
+    """How one layer type turns its inputs and output-gradients into per-sample parameter gradients."""
+
+    def applies(self, module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def per_sample(self, module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+        """Per-sample gradients ``{param_name: Tensor[N, *param.shape]}`` for one call of the module."""
+        raise NotImplementedError
+
+    def concat_calls(self) -> bool:
+        """Whether several calls can be merged by concatenating inputs along a non-batch axis (then one call)."""
+        return False
+
+
+class _LinearRule(_Rule):
+    def applies(self, module: nn.Module) -> bool:
+        return type(module) is nn.Linear
+
+    def concat_calls(self) -> bool:
+        return True
+
+    def per_sample(self, module, a, g):
+        n = a.shape[0]
+        a3, g3 = a.reshape(n, -1, a.shape[-1]), g.reshape(n, -1, g.shape[-1])
+        out = {"weight": torch.einsum("nlo,nli->noi", g3, a3)}
+        if module.bias is not None:
+            out["bias"] = g3.sum(1)
+        return out
+
+
+class _ConvRule(_Rule):
+    """Conv1d/Conv2d via unfold: per-sample gradient = g_n (unfold a_n)ᵀ, summed over output positions."""
+
+    def applies(self, module: nn.Module) -> bool:
+        return (
+            type(module) in (nn.Conv1d, nn.Conv2d)
+            and module.groups == 1
+            and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str)
+        )
+
+    def per_sample(self, module, a, g):
+        n = a.shape[0]
+        if isinstance(module, nn.Conv1d):
+            a = a.unsqueeze(2)
+            kernel, dilation = (1, module.kernel_size[0]), (1, module.dilation[0])
+            padding, stride = (0, module.padding[0]), (1, module.stride[0])
+        else:
+            kernel, dilation, padding, stride = module.kernel_size, module.dilation, module.padding, module.stride
+        cols = F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)  # [N, Cin*k, L]
+        g2 = g.reshape(n, g.shape[1], -1)  # [N, Cout, L]
+        out = {"weight": torch.bmm(g2, cols.transpose(1, 2)).reshape(n, *module.weight.shape)}
+        if module.bias is not None:
+            out["bias"] = g2.sum(2)
+        return out
+
+
+class _BatchNormRule(_Rule):
+    """BatchNorm in eval mode normalises with running statistics, so samples are independent."""
+
+    def applies(self, module: nn.Module) -> bool:
+        return (
+            isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and module.affine
+            and module.running_mean is not None
+            and not module.training
+        )
+
+    def per_sample(self, module, a, g):
+        shape = (1, -1) + (1,) * (a.dim() - 2)
+        xhat = (a - module.running_mean.view(shape)) * torch.rsqrt(module.running_var.view(shape) + module.eps)
+        dims = tuple(range(2, a.dim()))
+        gx = g * xhat
+        return {"weight": gx.sum(dims) if dims else gx, "bias": g.sum(dims) if dims else g}
+
+
+class _LayerNormRule(_Rule):
+    def applies(self, module: nn.Module) -> bool:
+        return type(module) is nn.LayerNorm and module.elementwise_affine
+
+    def per_sample(self, module, a, g):
+        xhat = F.layer_norm(a, module.normalized_shape, eps=module.eps)
+        n, k = a.shape[0], len(module.normalized_shape)
+        middle = tuple(range(1, a.dim() - k))
+        out = {"weight": (g * xhat).sum(middle) if middle else g * xhat}
+        if module.bias is not None:
+            out["bias"] = g.sum(middle) if middle else g
+        return {name: t.reshape(n, *module.normalized_shape) for name, t in out.items()}
+
+
+class _GroupNormRule(_Rule):
+    def applies(self, module: nn.Module) -> bool:
+        return type(module) is nn.GroupNorm and module.affine
+
+    def per_sample(self, module, a, g):
+        xhat = F.group_norm(a, module.num_groups, eps=module.eps)
+        dims = tuple(range(2, a.dim()))
+        return {"weight": (g * xhat).sum(dims), "bias": g.sum(dims)}
+
+
+class _EmbeddingRule(_Rule):
+    def applies(self, module: nn.Module) -> bool:
+        return type(module) is nn.Embedding and module.max_norm is None
+
+    def concat_calls(self) -> bool:
+        return True
+
+    def per_sample(self, module, a, g):  # only used by the self-check's "sum" path
+        n = a.shape[0]
+        dense = torch.zeros(n, *module.weight.shape, dtype=g.dtype, device=g.device)
+        idx = a.reshape(n, -1)
+        gg = g.reshape(n, -1, g.shape[-1]) * (idx != _padding(module)).unsqueeze(-1)
+        dense.scatter_add_(1, idx.unsqueeze(-1).expand_as(gg), gg)
+        return {"weight": dense}
+
+    def reduce_rows(self, module, a, g, reduction: Reduction) -> Tensor:
+        """Σ_n r(per-sample gradient) without the dense [N, V, D] tensor: group each sample's rows by token."""
+        n, vocab = a.shape[0], module.weight.shape[0]
+        idx = a.reshape(n, -1)
+        gg = g.reshape(n, -1, g.shape[-1]) * (idx != _padding(module)).unsqueeze(-1)
+        keys = (torch.arange(n, device=idx.device).unsqueeze(1) * vocab + idx).reshape(-1)
+        uniq, inverse = torch.unique(keys, return_inverse=True)
+        per_sample_rows = torch.zeros(len(uniq), gg.shape[-1], dtype=gg.dtype, device=gg.device)
+        per_sample_rows.index_add_(0, inverse, gg.reshape(-1, gg.shape[-1]))
+        out = torch.zeros_like(module.weight, dtype=gg.dtype)
+        return out.index_add_(0, uniq % vocab, _reduce(per_sample_rows, reduction))
+
+
+def _padding(module: nn.Embedding) -> int:
+    return -1 if module.padding_idx is None else module.padding_idx
+
+
+_RULES: tuple[_Rule, ...] = (
+    _LinearRule(),
+    _ConvRule(),
+    _BatchNormRule(),
+    _LayerNormRule(),
+    _GroupNormRule(),
+    _EmbeddingRule(),
+)
+
+
+def _rule_for(module: nn.Module) -> _Rule | None:
+    return next((rule for rule in _RULES if rule.applies(module)), None)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Taps: capture (input, output) of every tapped module during one forward
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Tap:
+    module: nn.Module
+    rule: _Rule
+    names: dict[str, str]  # local param name -> full name (only trainable, selected params)
+    calls: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (input, output) per call
+
+    def hook(self, module, inputs, output):
+        if not isinstance(output, Tensor) or not output.requires_grad or not inputs:
+            return None
+        self.calls.append((inputs[0].detach(), output))
+        # Downstream in-place ops (ReLU(inplace=True)) would rewrite `output`'s history; hand them a copy so the
+        # gradient we ask autograd for stays the gradient at this layer's output.
+        return output.clone()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The engine
+# ----------------------------------------------------------------------------------------------------------------------
+OutputGrads = Callable[[Tensor, Batch], Sequence[Tensor]]
+"""Given the logits [N, ...] of a batch (and the batch), the vectors v (same shape as the logits) to backpropagate;
+one vector per backward pass (e.g. one per class for the exact Fisher)."""
+
+
+@dataclass
+class PerSampleReport:
+    """Which route each parameter took (``tap``, ``vmap`` or ``loop``); logged once per estimation."""
+
+    routes: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        counts: dict[str, int] = {}
+        for route in self.routes.values():
+            counts[route] = counts.get(route, 0) + 1
+        return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+
+
+class PerSampleAccumulator:
+    """Accumulates ``Σ_n r(∂(v_n·z_n)/∂θ)`` over batches for the selected parameters of ``model``.
+
+    ``logits_fn(batch)`` runs the model on a batch (through any head selection the user needs) and returns the output
+    ``z`` with the samples along dim 0. Samples must not interact (the model in eval mode), which is what makes
+    per-sample gradients meaningful.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: dict[str, nn.Parameter],
+        logits_fn: Callable[[Batch], Tensor],
+        reduction: Reduction = "sq",
+    ) -> None:
+        if reduction not in ("sq", "abs"):
+            raise ValueError(f"reduction must be 'sq' or 'abs', got {reduction!r}")
+        self.model, self.params, self.logits_fn, self.reduction = model, params, logits_fn, reduction
+        self.sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+        self.count = 0
+        self.report = PerSampleReport()
+        self._taps = self._build_taps()
+        self._fallback = {name: p for name, p in params.items() if name not in self._tapped_names()}
+        self._fallback_route = "vmap"
+        self._checked = False
+        for name in params:
+            self.report.routes[name] = "tap" if name not in self._fallback else self._fallback_route
+
+    # -- set-up ---------------------------------------------------------------------------------------------------
+    def _build_taps(self) -> list[_Tap]:
+        by_id = {id(p): name for name, p in self.params.items()}
+        owners: dict[int, int] = {}
+        for module in self.model.modules():
+            for p in module.parameters(recurse=False):
+                owners[id(p)] = owners.get(id(p), 0) + 1
+        taps = []
+        for module in self.model.modules():
+            rule = _rule_for(module)
+            if rule is None:
+                continue
+            names = {
+                local: by_id[id(p)]
+                for local, p in module.named_parameters(recurse=False)
+                if id(p) in by_id and owners[id(p)] == 1  # a parameter shared by two modules goes to the fallback
+            }
+            if names:
+                taps.append(_Tap(module, rule, names))
+        return taps
+
+    def _tapped_names(self) -> set[str]:
+        return {full for tap in self._taps for full in tap.names.values()}
+
+    def _untap(self, names: Iterable[str]) -> None:
+        names = set(names)
+        for tap in self._taps:
+            tap.names = {k: v for k, v in tap.names.items() if v not in names}
+        self._taps = [tap for tap in self._taps if tap.names]
+        for name in names:
+            self._fallback[name] = self.params[name]
+            self.report.routes[name] = self._fallback_route
+
+    # -- one batch --------------------------------------------------------------------------------------------------
+    def add_batch(self, batch: Batch, output_grads: OutputGrads) -> int:
+        """Adds one batch; returns its number of samples."""
+        handles = [tap.module.register_forward_hook(tap.hook) for tap in self._taps]
+        try:
+            with torch.enable_grad():
+                logits = self.logits_fn(batch)
+        finally:
+            for h in handles:
+                h.remove()
+        try:
+            n = logits.shape[0]
+            vectors = [v.detach() for v in output_grads(logits, batch)]
+            if not self._checked:
+                self._self_check(logits, vectors[0])
+                self._checked = True
+            self._add_tapped(logits, vectors)
+            if self._fallback:
+                self._add_fallback(batch, vectors, n)
+        finally:
+            for tap in self._taps:
+                tap.calls.clear()
+        self.count += n
+        return n
+
+    def _add_tapped(self, logits: Tensor, vectors: list[Tensor]) -> None:
+        taps = [tap for tap in self._taps if tap.calls]
+        if not taps:
+            return
+        outputs = [out for tap in taps for _, out in tap.calls]
+        # Linear layers called once on 2-D input: accumulate Σ_k g_k² (or |g_k|) over passes, one matmul at the end.
+        rank_one: dict[int, Tensor] = {}
+        for k, v in enumerate(vectors):
+            grads = torch.autograd.grad(
+                logits, outputs, grad_outputs=v, retain_graph=k + 1 < len(vectors), allow_unused=True
+            )
+            it = iter(grads)
+            for tap in taps:
+                gs = [next(it) for _ in tap.calls]
+                if isinstance(tap.rule, _LinearRule) and len(tap.calls) == 1 and tap.calls[0][0].dim() == 2:
+                    g = gs[0] if gs[0] is not None else torch.zeros_like(tap.calls[0][1])
+                    r = _reduce(g, self.reduction)
+                    rank_one[id(tap)] = r if id(tap) not in rank_one else rank_one[id(tap)] + r
+                    continue
+                self._add_materialised(tap, gs)
+        for tap in taps:
+            if id(tap) in rank_one:
+                a_r = _reduce(tap.calls[0][0], self.reduction)
+                self._accumulate(tap, {"weight": rank_one[id(tap)].t().mm(a_r), "bias": rank_one[id(tap)].sum(0)})
+
+    def _add_materialised(self, tap: _Tap, gs: list[Tensor | None]) -> None:
+        calls = [(a, g if g is not None else torch.zeros_like(out)) for (a, out), g in zip(tap.calls, gs)]
+        if len(calls) > 1 and tap.rule.concat_calls():
+            n = calls[0][0].shape[0]
+            if isinstance(tap.rule, _EmbeddingRule):
+                a = torch.cat([a.reshape(n, -1) for a, _ in calls], 1)
+            else:
+                a = torch.cat([a.reshape(n, -1, a.shape[-1]) for a, _ in calls], 1)
+            g = torch.cat([g.reshape(n, -1, g.shape[-1]) for _, g in calls], 1)
+            calls = [(a, g)]
+        if isinstance(tap.rule, _EmbeddingRule) and len(calls) == 1:
+            a, g = calls[0]
+            self._accumulate(tap, {"weight": tap.rule.reduce_rows(tap.module, a, g, self.reduction)})
+            return
+        n = calls[0][0].shape[0]
+        numel = sum(p.numel() for p in tap.module.parameters(recurse=False))
+        chunk = max(1, _MAX_BLOCK_ELEMENTS // max(numel, 1))
+        for start in range(0, n, chunk):
+            total: dict[str, Tensor] = {}
+            for a, g in calls:
+                for name, t in tap.rule.per_sample(tap.module, a[start : start + chunk], g[start : start + chunk]).items():
+                    total[name] = t if name not in total else total[name] + t
+            self._accumulate(tap, {name: _reduce(t, self.reduction).sum(0) for name, t in total.items()})
+
+    def _accumulate(self, tap: _Tap, local_sums: dict[str, Tensor]) -> None:
+        for local, full in tap.names.items():
+            if local in local_sums:
+                self.sums[full] += local_sums[local].to(torch.float32)
+
+    # -- exact fallback for everything the taps do not cover ----------------------------------------------------------
+    def _add_fallback(self, batch: Batch, vectors: list[Tensor], n: int) -> None:
+        if self._fallback_route == "vmap":
+            try:
+                self._add_vmap(batch, vectors, n)
+                return
+            except Exception as err:  # vmap cannot trace every model; the loop below always can
+                log.info("per-sample gradients: torch.func.vmap failed (%s); using a per-sample loop", err)
+                self._fallback_route = "loop"
+                for name in self._fallback:
+                    self.report.routes[name] = "loop"
+        self._add_loop(batch, vectors, n)
+
+    def _add_vmap(self, batch: Batch, vectors: list[Tensor], n: int) -> None:
+        from torch.func import functional_call, grad, vmap
+
+        leaves, spec = tree_flatten(batch)
+        batched = [isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == n for x in leaves]
+        wrapper = _CallLogits(self.model, self.logits_fn)
+        names = list(self._fallback)
+        detached = {f"model.{name}": self._fallback[name].detach() for name in names}
+
+        def phi(fallback_params, sample_leaves, v):
+            full = [x.unsqueeze(0) if b else x for x, b in zip(sample_leaves, batched)]
+            z = functional_call(wrapper, fallback_params, (tree_unflatten(full, spec),))
+            return (z.squeeze(0) * v).sum()
+
+        in_dims = (None, [0 if b else None for b in batched], 0)
+        per_sample_grad = vmap(grad(phi), in_dims=in_dims)
+        results = []
+        for v in vectors:
+            g = per_sample_grad(detached, leaves, v)
+            results.append({name: _reduce(g[f"model.{name}"], self.reduction).sum(0) for name in names})
+        for result in results:  # only accumulate once every pass succeeded
+            for name, t in result.items():
+                self.sums[name] += t.to(torch.float32)
+
+    def _add_loop(self, batch: Batch, vectors: list[Tensor], n: int) -> None:
+        names = list(self._fallback)
+        params = [self._fallback[name] for name in names]
+        for i in range(n):
+            z = self.logits_fn(slice_batch(batch, i, i + 1, n))
+            for k, v in enumerate(vectors):
+                grads = torch.autograd.grad(
+                    z, params, grad_outputs=v[i : i + 1], retain_graph=k + 1 < len(vectors), allow_unused=True
+                )
+                for name, g in zip(names, grads):
+                    if g is not None:
+                        self.sums[name] += _reduce(g, self.reduction).to(torch.float32)
+
+    # -- self-check ---------------------------------------------------------------------------------------------------
+    def _self_check(self, logits: Tensor, v: Tensor) -> None:
+        """Σ_n of the taps' per-sample gradients must equal autograd's batch gradient; else use the fallback."""
+        tapped = [(tap, local, full) for tap in self._taps for local, full in tap.names.items()]
+        if not tapped:
+            return
+        outputs = [out for tap in self._taps for _, out in tap.calls]
+        params = [self.params[full] for _, _, full in tapped]
+        batch_grads = torch.autograd.grad(logits, params, grad_outputs=v, retain_graph=True, allow_unused=True)
+        out_grads = (
+            torch.autograd.grad(logits, outputs, grad_outputs=v, retain_graph=True, allow_unused=True)
+            if outputs
+            else []
+        )
+        it = iter(out_grads)
+        tap_sums: dict[str, Tensor] = {}
+        for tap in self._taps:
+            gs = [next(it) for _ in tap.calls]
+            for (a, out), g in zip(tap.calls, gs):
+                if g is None:
+                    continue
+                for local, t in tap.rule.per_sample(tap.module, a, g).items():
+                    if local in tap.names:
+                        full = tap.names[local]
+                        tap_sums[full] = t.sum(0) if full not in tap_sums else tap_sums[full] + t.sum(0)
+        wrong = []
+        for (_, _, full), expected in zip(tapped, batch_grads):
+            got = tap_sums.get(full)
+            expected = torch.zeros_like(self.params[full]) if expected is None else expected
+            got = torch.zeros_like(expected) if got is None else got
+            scale = expected.abs().max().item() + got.abs().max().item()
+            if (got - expected).abs().max().item() > 1e-4 * scale + 1e-12:
+                wrong.append(full)
+        if wrong:
+            log.warning(
+                "per-sample gradients: %s used outside their own module call (tied weights?); "
+                "using the exact fallback for them",
+                ", ".join(wrong),
+            )
+            self._untap(wrong)
+
+
+class _CallLogits(nn.Module):
+    """Lets ``torch.func.functional_call`` substitute parameters inside an arbitrary ``logits_fn(batch)``."""
+
+    def __init__(self, model: nn.Module, logits_fn: Callable[[Batch], Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self._logits_fn = logits_fn
+
+    def forward(self, batch: Batch) -> Tensor:
+        return self._logits_fn(batch)
+
+
+def slice_batch(batch: Batch, start: int, stop: int, n: int) -> Batch:
+    """Rows ``start:stop`` of every tensor in ``batch`` whose first dimension is the batch size ``n``."""
+    leaves, spec = tree_flatten(batch)
+    sliced = [x[start:stop] if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == n else x for x in leaves]
+    return tree_unflatten(sliced, spec)
+
+
+def batch_size_of(batch: Batch) -> int | None:
+    """The first dimension of the first tensor in ``batch`` (None if the batch holds no tensor)."""
+    for x in tree_flatten(batch)[0]:
+        if isinstance(x, Tensor) and x.dim() > 0:
+            return int(x.shape[0])
+    return None
+
+
+def finite_or_raise(sums: dict[str, Tensor], what: str) -> None:
+    bad = [name for name, t in sums.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise FloatingPointError(
+            f"{what} has non-finite values (NaN/inf) for {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}. "
+            "The weights or the data already hold NaN/inf, or the logits overflow: check the task's training "
+            "loss, lower the learning rate or clip gradients, and re-run."
+        )
+

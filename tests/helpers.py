@@ -1,0 +1,77 @@
+"""Shared test pieces: a quiet Trainer, a multi-head task-incremental network, Split MNIST tasks from real files."""
+
+from __future__ import annotations
+
+import functools
+
+import lightning.pytorch as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_ewc import EWCMixin
+from lightning_ewc.data.idx import load_idx_dataset
+
+
+def make_trainer(**kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+class TaskNet(EWCMixin, L.LightningModule):
+    """MLP trunk with one 2-way head per task (task-incremental); ``task`` selects the head for training and EWC."""
+
+    def __init__(self, in_features: int = 784, hidden: int = 100, num_tasks: int = 5, classes: int = 2, lr: float = 1e-3):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.heads = nn.ModuleList(nn.Linear(hidden, classes) for _ in range(num_tasks))
+        self.task = 0
+        self.lr = lr
+
+    def forward(self, x, task=None):
+        return self.heads[self.task if task is None else task](self.trunk(x))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+@functools.lru_cache(maxsize=2)
+def _mnist(train: bool):
+    return load_idx_dataset("MNIST", train=train)
+
+
+def split_mnist_task(task: int, train: bool = True, limit: int | None = None) -> TensorDataset:
+    """Digits (2t, 2t+1) of MNIST, labels 0/1 within the task, images flattened to [N, 784] in [0, 1]."""
+    images, labels = _mnist(train)
+    keep = (labels == 2 * task) | (labels == 2 * task + 1)
+    x = images[keep].float().div_(255).flatten(1)
+    y = labels[keep] - 2 * task
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    return TensorDataset(x, y)
+
+
+def loader(dataset, batch_size: int = 64, shuffle: bool = True, seed: int = 0) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed))
+
+
+def task_accuracy(net: TaskNet, task: int) -> float:
+    data = split_mnist_task(task, train=False)
+    was_training = net.training
+    net.eval()
+    with torch.no_grad():
+        acc = (net(data.tensors[0], task).argmax(1) == data.tensors[1]).float().mean().item()
+    net.train(was_training)
+    return acc
