@@ -88,7 +88,7 @@ class EWCCallback(Callback):
         self.seed = seed
         self.state = ConsolidatedState(mode=mode, gamma=gamma)
         self.path_integral = PathIntegral(si_damping) if importance == "si" else None
-        self.last_routes: dict[str, str] = {}
+        self.last_estimate: ImportanceSums | None = None  # sample count and per-parameter route of the last pass
         self._version = 0  # bumped whenever the state changes; invalidates the penalty cache
         self._penalty_cache: tuple | None = None
         self._fit_start_step: int | None = None
@@ -122,9 +122,6 @@ class EWCCallback(Callback):
                 f"EWCCallback needs the LightningModule to inherit EWCMixin so that the penalty reaches the loss: "
                 f"declare `class {type(pl_module).__name__}(EWCMixin, LightningModule)`"
             )
-        others = [cb for cb in trainer.callbacks if isinstance(cb, EWCCallback) and cb is not self]
-        if others:
-            raise ValueError("only one EWCCallback per Trainer: the mixin would not know whose penalty to add")
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._fit_start_step = trainer.global_step
@@ -230,7 +227,7 @@ class EWCCallback(Callback):
         )
         if world > 1:
             sums = _all_reduce(sums, trainer)
-        self.last_routes = sums.routes
+        self.last_estimate = sums
         routes = sorted(set(sums.routes.values()))
         return sums.mean(), f", {sums.count} {'batches' if estimator == 'batched' else 'samples'}, {'+'.join(routes)}"
 

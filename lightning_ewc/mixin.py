@@ -73,7 +73,7 @@ class EWCMixin:
         if output is None or not self.automatic_optimization:
             return output
         penalty = self.ewc_penalty()
-        if self._ewc_callback() is not None:
+        if self._ewc_callback() is not None and self.trainer.training:  # not when called by hand outside a fit
             self.log("ewc/penalty", penalty.detach(), on_step=True, on_epoch=False)
         if isinstance(output, Tensor):
             return output + penalty

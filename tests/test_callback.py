@@ -1,0 +1,288 @@
+"""EWCCallback through a real Trainer: when it consolidates, what it consolidates, and its errors."""
+
+import signal
+
+import lightning.pytorch as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import EarlyStopping
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from helpers import TaskNet, loader, make_trainer, split_mnist_task
+from lightning_ewc import EWCCallback, EWCMixin, estimate_fisher
+
+
+@pytest.fixture(scope="module")
+def task_data(mnist_dir):
+    return [split_mnist_task(t, limit=256) for t in range(3)]
+
+
+def fit_task(net, callback, data, task, **trainer_kwargs):
+    net.task = task
+    trainer_kwargs.setdefault("max_steps", 8)
+    trainer = make_trainer(callbacks=[callback] if callback else [], **trainer_kwargs)
+    trainer.fit(net, loader(data[task], batch_size=32))
+    return trainer
+
+
+def test_consolidates_weights_and_fisher_of_the_task_at_the_end_of_fit(task_data):
+    torch.manual_seed(0)
+    net, callback = TaskNet(hidden=32), EWCCallback(ewc_lambda=10.0)
+    fit_task(net, callback, task_data, 0)
+    assert callback.num_tasks == 1
+    for name, p in net.named_parameters():
+        assert torch.equal(callback.state.centre[name], p.detach())
+    want = estimate_fisher(net, DataLoader(task_data[0], batch_size=32), "exact", logits_fn=lambda b: net(b[0], 0))
+    for name in want:
+        torch.testing.assert_close(callback.state.importance[name], want[name], rtol=1e-5, atol=1e-9)
+    assert callback.last_estimate.count == len(task_data[0])
+    assert set(callback.last_estimate.routes.values()) == {"tap"}
+    # heads of other tasks did not take part in task 0's log-likelihood
+    assert callback.state.importance["heads.1.weight"].abs().sum() == 0
+    assert callback.state.importance["heads.0.weight"].abs().sum() > 0
+
+
+def test_penalty_is_added_to_the_loss_lightning_backpropagates_and_logged(task_data):
+    torch.manual_seed(0)
+    net, callback = TaskNet(hidden=32), EWCCallback(ewc_lambda=100.0)
+    trainer = fit_task(net, callback, task_data, 0)
+    assert float(trainer.callback_metrics["ewc/penalty"]) == 0.0  # nothing consolidated during task 0
+
+    class Spy(L.Callback):
+        expected, seen = [], []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            with torch.no_grad():  # the loss Lightning should see, at the weights before this step
+                task_loss = nn.functional.cross_entropy(pl_module(batch[0]), batch[1])
+                self.expected.append((float(task_loss), float(callback.penalty(pl_module))))
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.seen.append(float(outputs["loss"]))
+            self.logged = float(trainer.callback_metrics["ewc/penalty"])
+
+    net.task = 1
+    spy = Spy()
+    make_trainer(max_steps=4, callbacks=[callback, spy]).fit(net, loader(task_data[1], 32, shuffle=False))
+    assert len(spy.seen) == 4
+    for (task_loss, penalty), seen in zip(spy.expected, spy.seen):
+        assert seen == pytest.approx(task_loss + penalty, rel=1e-5)
+    assert spy.expected[0][1] == 0.0 and spy.expected[-1][1] > 0  # at the anchor, then pulled away by task 1
+    assert spy.logged == pytest.approx(spy.expected[-1][1], rel=1e-5)
+
+
+def test_penalty_grows_as_weights_leave_the_anchor(task_data):
+    torch.manual_seed(0)
+    net, callback = TaskNet(hidden=32), EWCCallback(ewc_lambda=100.0)
+    fit_task(net, callback, task_data, 0)
+    fit_task(net, callback, task_data, 1, max_steps=6)
+    penalty = float(callback.penalty(net))
+    names = list(callback.state.importance)
+    by_hand = 0.5 * 100.0 * sum(
+        float((callback.state.importance[n] * (dict(net.named_parameters())[n] - callback.state.centre[n]) ** 2).sum())
+        for n in names
+    ) + 0.5 * 100.0 * callback.state.constant
+    assert penalty > 0
+    assert penalty == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_no_consolidation_when_fit_raises(task_data):
+    class Exploding(TaskNet):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 3:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    net, callback = Exploding(hidden=16), EWCCallback()
+    with pytest.raises(RuntimeError, match="boom"):
+        fit_task(net, callback, task_data, 0)
+    assert callback.num_tasks == 0
+
+
+def test_no_consolidation_on_keyboard_interrupt(task_data):
+    class Interrupted(TaskNet):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 2:
+                raise KeyboardInterrupt
+            return super().training_step(batch, batch_idx)
+
+    net, callback = Interrupted(hidden=16), EWCCallback()
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):  # Lightning turns Ctrl-C into a graceful shutdown and exit(1)
+            fit_task(net, callback, task_data, 0)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert callback.num_tasks == 0
+
+
+def test_early_stopping_ends_the_task_normally(task_data):
+    class Validating(TaskNet):
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", torch.tensor(1.0))  # never improves: early stopping after `patience` checks
+
+    net, callback = Validating(hidden=16), EWCCallback()
+    net.task = 0
+    trainer = make_trainer(max_epochs=50, callbacks=[callback, EarlyStopping("val_loss", patience=1)])
+    trainer.fit(net, loader(task_data[0], 64), loader(task_data[0], 64, shuffle=False))
+    assert trainer.current_epoch < 50
+    assert callback.num_tasks == 1
+
+
+def test_include_exclude_and_frozen_parameters(task_data):
+    torch.manual_seed(0)
+    net = TaskNet(hidden=16)
+    net.trunk[0].bias.requires_grad_(False)
+    callback = EWCCallback(include=["trunk.*", "heads.0.*"], exclude=["*.2.bias"])
+    fit_task(net, callback, task_data, 0)
+    assert set(callback.state.importance) == {"trunk.0.weight", "trunk.2.weight", "heads.0.weight", "heads.0.bias"}
+
+    nothing = EWCCallback(include=["encoder.*"])
+    with pytest.raises(ValueError, match="selected no parameter"):
+        fit_task(TaskNet(hidden=16), nothing, task_data, 0)
+
+
+def test_new_head_is_anchored_only_after_its_own_task(task_data):
+    class Growing(EWCMixin, L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.trunk = nn.Linear(784, 16)
+            self.heads = nn.ModuleList([nn.Linear(16, 2)])
+
+        def forward(self, x):
+            return self.heads[-1](torch.relu(self.trunk(x)))
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    torch.manual_seed(0)
+    net, callback = Growing(), EWCCallback(ewc_lambda=1.0)
+    make_trainer(max_steps=4, callbacks=[callback]).fit(net, loader(task_data[0], 32))
+    net.heads.append(nn.Linear(16, 2))
+    assert "heads.1.weight" not in callback.state.importance
+    make_trainer(max_steps=4, callbacks=[callback]).fit(net, loader(task_data[1], 32))
+    assert callback.num_tasks == 2
+    assert torch.equal(callback.state.centre["heads.1.weight"], net.heads[1].weight.detach())
+    # the old head took no part in task 1's likelihood: its spring still sits at its task-0 weights
+    assert callback.state.importance["heads.1.weight"].abs().sum() > 0
+
+
+def test_resized_parameter_fails_at_the_next_training_step(task_data):
+    torch.manual_seed(0)
+    net, callback = TaskNet(hidden=16), EWCCallback()
+    fit_task(net, callback, task_data, 0)
+    net.heads[1] = nn.Linear(16, 2)
+    net.heads[0] = nn.Linear(16, 3)  # the consolidated head changed its number of classes
+    with pytest.raises(ValueError, match="heads.0.weight.*resized"):
+        fit_task(net, callback, task_data, 1)
+
+
+def test_training_step_returning_a_dict_gets_the_penalty(task_data):
+    class DictNet(TaskNet):
+        def training_step(self, batch, batch_idx):
+            return {"loss": super().training_step(batch, batch_idx), "extra": 1}
+
+    torch.manual_seed(0)
+    net, callback = DictNet(hidden=16), EWCCallback(ewc_lambda=1e4)
+    fit_task(net, callback, task_data, 0)
+    fit_task(net, callback, task_data, 1, max_steps=3)
+    batch = next(iter(loader(task_data[1], 32)))
+    out = net.training_step(batch, 0)
+    penalty = float(callback.penalty(net))
+    assert penalty > 0 and out["extra"] == 1
+    task_loss = float(nn.functional.cross_entropy(net(batch[0]), batch[1]))
+    assert float(out["loss"]) == pytest.approx(task_loss + penalty, rel=1e-6)
+
+
+def test_subclass_calling_super_training_step_adds_the_penalty_once(task_data):
+    class Child(TaskNet):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx)
+
+    torch.manual_seed(0)
+    net, callback = Child(hidden=16), EWCCallback(ewc_lambda=1e3)
+    fit_task(net, callback, task_data, 0)
+    fit_task(net, callback, task_data, 1, max_steps=2)
+    batch = next(iter(loader(task_data[1], 32)))
+    task_loss = TaskNet.training_step.__wrapped__(net, batch, 0)
+    total = net.training_step(batch, 0)
+    assert float(total) == pytest.approx(float(task_loss + callback.penalty(net)), rel=1e-6)
+
+
+def test_callback_on_module_without_mixin_is_refused(task_data):
+    class Plain(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(784, 2)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self.layer(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    with pytest.raises(TypeError, match=r"class Plain\(EWCMixin, LightningModule\)"):
+        make_trainer(max_steps=1, callbacks=[EWCCallback()]).fit(Plain(), loader(task_data[0], 32))
+
+
+def test_mixin_without_callback_trains_with_zero_penalty_and_says_so_once(task_data):
+    net = TaskNet(hidden=16)
+    with pytest.warns(UserWarning, match="no EWCCallback") as record:
+        fit_task(net, None, task_data, 0, max_steps=3)
+    assert sum("no EWCCallback" in str(w.message) for w in record) == 1
+    assert float(net.ewc_penalty()) == 0.0
+
+
+def test_two_callbacks_are_refused():
+    # Lightning itself refuses two stateful callbacks of one type (their checkpoint states would collide).
+    with pytest.raises(RuntimeError, match="more than one stateful callback of type `EWCCallback`"):
+        make_trainer(max_steps=1, callbacks=[EWCCallback(), EWCCallback()])
+
+
+def test_empty_fisher_dataloader_is_a_clear_error(task_data):
+    empty = DataLoader(TensorDataset(torch.zeros(0, 784), torch.zeros(0, dtype=torch.long)), batch_size=8)
+    net, callback = TaskNet(hidden=8), EWCCallback(fisher_dataloader=empty)
+    with pytest.raises(ValueError, match="no samples"):
+        fit_task(net, callback, task_data, 0, max_steps=2)
+    assert callback.num_tasks == 0
+
+
+def test_non_finite_fisher_is_a_clear_error(task_data):
+    bad = TensorDataset(torch.full((16, 784), float("nan")), torch.zeros(16, dtype=torch.long))
+    net, callback = TaskNet(hidden=8), EWCCallback(fisher_dataloader=DataLoader(bad, batch_size=8))
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        fit_task(net, callback, task_data, 0, max_steps=2)
+    assert callback.num_tasks == 0
+
+
+def test_model_output_that_is_not_logits_is_a_clear_error(task_data):
+    class TupleOut(TaskNet):
+        def forward(self, x, task=None):
+            return super().forward(x, task), x
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self(batch[0])[0], batch[1])
+
+    with pytest.raises(TypeError, match="ewc_logits"):
+        fit_task(TupleOut(hidden=8), EWCCallback(), task_data, 0, max_steps=2)
+
+
+def test_num_samples_uses_a_subset_of_that_size(task_data):
+    net, callback = TaskNet(hidden=8), EWCCallback(num_samples=100, fisher_batch_size=64)
+    fit_task(net, callback, task_data, 0, max_steps=2)
+    assert callback.last_estimate.count == 100
+
+
+def test_consolidate_by_hand_for_custom_loops(task_data):
+    torch.manual_seed(0)
+    net, callback = TaskNet(hidden=8), EWCCallback(fisher="empirical")
+    callback.consolidate(net, dataloader=DataLoader(task_data[0], batch_size=50))
+    assert callback.num_tasks == 1
+    want = estimate_fisher(net, DataLoader(task_data[0], batch_size=50), "empirical")
+    for name in want:
+        torch.testing.assert_close(callback.state.importance[name], want[name], rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match="no data to estimate"):
+        callback.consolidate(net)

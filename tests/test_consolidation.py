@@ -1,0 +1,202 @@
+"""The consolidated quadratic equals the per-task springs it replaces; online EWC; constant state size."""
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_ewc import EWCCallback
+from lightning_ewc.consolidation import ConsolidatedState, merge_separate, quadratic_penalty
+
+
+def random_tasks(shapes, num_tasks, seed=0, zero_fraction=0.3, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    tasks = []
+    for _ in range(num_tasks):
+        importance, anchor = {}, {}
+        for name, shape in shapes.items():
+            f = torch.rand(shape, generator=g) * 3
+            f[torch.rand(shape, generator=g) < zero_fraction] = 0.0  # parameters that did not matter for this task
+            importance[name] = f
+            anchor[name] = offset + torch.randn(shape, generator=g)
+        tasks.append((importance, anchor))
+    return tasks
+
+
+def per_task_penalty(tasks, theta):
+    """Σ_t Σ_i F_t,i (θ_i − θ*_t,i)² in float64: the springs one by one, as Kirkpatrick et al. write them."""
+    return sum(
+        ((f[n].double() * (theta[n].double() - a[n].double()).square()).sum() for f, a in tasks for n in theta),
+        torch.zeros((), dtype=torch.float64),
+    )
+
+
+def state_penalty(state, theta):
+    names = list(state.importance)
+    params = [theta[n] for n in names]
+    value = quadratic_penalty([state.importance[n] for n in names], [state.centre[n] for n in names], params)
+    return value + state.constant
+
+
+SHAPES = {"w": (7, 5), "b": (5,)}
+
+
+@pytest.mark.parametrize("num_tasks", [1, 3, 6])
+def test_separate_equals_sum_of_per_task_springs_value_and_gradient(num_tasks):
+    tasks = random_tasks(SHAPES, num_tasks)
+    state = ConsolidatedState(mode="separate")
+    for importance, anchor in tasks:
+        state.consolidate(importance, anchor)
+    assert state.num_tasks == num_tasks
+
+    for trial in range(3):
+        theta = {n: torch.randn(s, generator=torch.Generator().manual_seed(100 + trial), requires_grad=True)
+                 for n, s in SHAPES.items()}
+        got = state_penalty(state, theta)
+        want = per_task_penalty(tasks, {n: t.detach() for n, t in theta.items()})
+        assert float(got.detach()) == pytest.approx(float(want), rel=1e-5)
+
+        got_grads = torch.autograd.grad(got, list(theta.values()))
+        theta64 = {n: t.detach().double().requires_grad_() for n, t in theta.items()}
+        want_grads = torch.autograd.grad(per_task_penalty(tasks, theta64), list(theta64.values()))
+        for g, w in zip(got_grads, want_grads):
+            torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-6)
+
+
+def test_separate_penalty_at_the_minimum_is_the_constant():
+    """At the weighted centre the quadratic part vanishes and only the springs' tension (the constant) remains."""
+    tasks = random_tasks(SHAPES, 3, zero_fraction=0.0)
+    state = ConsolidatedState(mode="separate")
+    for importance, anchor in tasks:
+        state.consolidate(importance, anchor)
+    at_centre = per_task_penalty(tasks, state.centre)
+    assert state.constant > 0
+    assert state.constant == pytest.approx(float(at_centre), rel=1e-5)
+
+
+def test_merge_is_numerically_stable_with_large_offsets():
+    """Anchors far from zero with small differences: no Σ F θ² cancellation."""
+    tasks = random_tasks(SHAPES, 4, offset=1e4, zero_fraction=0.0)
+    state = ConsolidatedState(mode="separate")
+    for importance, anchor in tasks:
+        state.consolidate(importance, anchor)
+    theta = {n: 1e4 + torch.randn(s) for n, s in SHAPES.items()}
+    got = float(state_penalty(state, theta))
+    want = float(per_task_penalty(tasks, theta))
+    # float32 storage of θ≈1e4 has ulp 1e-3; relative error of the sum stays small.
+    assert got == pytest.approx(want, rel=1e-3)
+
+
+def test_zero_importance_everywhere_gives_zero_penalty_and_the_latest_anchor():
+    zeros = {n: torch.zeros(s) for n, s in SHAPES.items()}
+    state = ConsolidatedState(mode="separate")
+    first = {n: torch.randn(s) for n, s in SHAPES.items()}
+    second = {n: torch.randn(s) for n, s in SHAPES.items()}
+    state.consolidate(zeros, first)
+    state.consolidate(zeros, second)
+    for n in SHAPES:
+        assert torch.equal(state.centre[n], second[n])
+        assert torch.isfinite(state.centre[n]).all()
+    assert state.constant == 0.0
+    assert float(state_penalty(state, {n: torch.randn(s) for n, s in SHAPES.items()})) == 0.0
+
+
+def test_merge_separate_pure_function_two_springs():
+    fa, a = torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, 5.0, 1.0])
+    fb, b = torch.tensor([3.0, 0.0, 0.0]), torch.tensor([4.0, 7.0, -1.0])
+    total, centre, added = merge_separate(fa, a, fb, b)
+    torch.testing.assert_close(total, torch.tensor([4.0, 0.0, 2.0]))
+    torch.testing.assert_close(centre, torch.tensor([3.0, 7.0, 1.0]))  # (1·0 + 3·4)/4; no weight: latest; only a
+    assert added == pytest.approx(1 * 3 / 4 * 16)
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.5])
+def test_online_is_decayed_sum_anchored_at_latest(gamma):
+    tasks = random_tasks(SHAPES, 4)
+    state = ConsolidatedState(mode="online", gamma=gamma)
+    for importance, anchor in tasks:
+        state.consolidate(importance, anchor)
+    for n in SHAPES:
+        want = sum(gamma ** (len(tasks) - 1 - t) * tasks[t][0][n] for t in range(len(tasks)))
+        torch.testing.assert_close(state.importance[n], want)
+        assert torch.equal(state.centre[n], tasks[-1][1][n])
+    assert state.constant == 0.0
+    theta = {n: torch.randn(s, requires_grad=True) for n, s in SHAPES.items()}
+    value = state_penalty(state, theta)
+    want = sum((state.importance[n] * (theta[n] - tasks[-1][1][n]).square()).sum() for n in SHAPES)
+    assert float(value) == pytest.approx(float(want), rel=1e-6)
+    grads = torch.autograd.grad(value, list(theta.values()))
+    for g, n in zip(grads, SHAPES):
+        torch.testing.assert_close(g, 2 * state.importance[n] * (theta[n].detach() - tasks[-1][1][n]))
+
+
+@pytest.mark.parametrize("mode", ["separate", "online"])
+def test_state_size_is_constant_over_20_tasks(mode):
+    model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 4))
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    callback = EWCCallback(mode=mode, gamma=0.9 if mode == "online" else 1.0)
+    sizes = []
+    for t in range(20):
+        importance = {n: torch.rand_like(p) for n, p in model.named_parameters()}
+        callback.state.consolidate(importance, {n: p.detach() + t for n, p in model.named_parameters()})
+        sizes.append(callback.num_bytes())
+    assert callback.num_tasks == 20
+    assert sizes == [2 * param_bytes] * 20
+
+
+def test_penalty_through_callback_matches_formula_with_lambda_half():
+    model = nn.Linear(6, 3)
+    tasks = random_tasks({n: tuple(p.shape) for n, p in model.named_parameters()}, 3)
+    callback = EWCCallback(ewc_lambda=7.0)
+    for importance, anchor in tasks:
+        callback.state.consolidate(importance, anchor)
+    value = callback.penalty(model)
+    want = 0.5 * 7.0 * per_task_penalty(tasks, {n: p.detach() for n, p in model.named_parameters()})
+    assert float(value) == pytest.approx(float(want), rel=1e-5)
+    value.backward()
+    theta64 = {n: p.detach().double().requires_grad_() for n, p in model.named_parameters()}
+    want_grads = torch.autograd.grad(0.5 * 7.0 * per_task_penalty(tasks, theta64), list(theta64.values()))
+    for p, w in zip(model.parameters(), want_grads):
+        torch.testing.assert_close(p.grad.double(), w, rtol=1e-5, atol=1e-6)
+
+
+def test_parameter_new_after_a_task_has_no_spring_until_its_task_ends():
+    state = ConsolidatedState()
+    state.consolidate({"trunk": torch.ones(3)}, {"trunk": torch.zeros(3)})
+    assert "head2" not in state.importance
+    state.consolidate({"trunk": torch.ones(3), "head2": torch.full((2,), 2.0)},
+                      {"trunk": torch.ones(3), "head2": torch.full((2,), 5.0)})
+    torch.testing.assert_close(state.importance["head2"], torch.full((2,), 2.0))
+    torch.testing.assert_close(state.centre["head2"], torch.full((2,), 5.0))
+    torch.testing.assert_close(state.centre["trunk"], torch.full((3,), 0.5))
+
+
+def test_resized_parameter_is_a_clear_error():
+    state = ConsolidatedState()
+    state.consolidate({"head.weight": torch.ones(2, 4)}, {"head.weight": torch.zeros(2, 4)})
+    with pytest.raises(ValueError, match="head.weight.*shape.*new head|exclude"):
+        state.consolidate({"head.weight": torch.ones(3, 4)}, {"head.weight": torch.zeros(3, 4)})
+    callback = EWCCallback()
+    callback.state = state
+    model = nn.Module()
+    model.head = nn.Linear(4, 3, bias=False)
+    with pytest.raises(ValueError, match="head.weight.*resized"):
+        callback.penalty(model)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(mode="sum"), "unknown mode"),
+        (dict(mode="online", gamma=0.0), "gamma must be in"),
+        (dict(mode="online", gamma=1.5), "gamma must be in"),
+        (dict(ewc_lambda=-1.0), "ewc_lambda must be"),
+        (dict(importance="fisherr"), "unknown importance"),
+        (dict(fisher="diag"), "unknown Fisher estimator"),
+        (dict(num_samples=0), "num_samples must be"),
+        (dict(exclude="heads.*"), "list of glob patterns"),
+        (dict(importance="si", si_damping=0.0), "damping"),
+    ],
+)
+def test_bad_callback_arguments_are_refused_at_construction(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        EWCCallback(**kwargs)
