@@ -123,8 +123,10 @@ class EWCCallback(Callback):
                 f"declare `class {type(pl_module).__name__}(EWCMixin, LightningModule)`"
             )
 
-    def on_train_start(self, trainer, pl_module) -> None:
+    def on_fit_start(self, trainer, pl_module) -> None:
         self._fit_start_step = trainer.global_step
+
+    def on_train_start(self, trainer, pl_module) -> None:
         if self.path_integral is not None and not self.path_integral.active:
             self.path_integral.begin_task(self.selected_parameters(pl_module))
 
@@ -140,13 +142,15 @@ class EWCCallback(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         # on_train_end, not on_fit_end: the strategy's teardown (model moved to CPU, DDP process group) comes between.
-        if self._fit_start_step is not None and trainer.global_step == self._fit_start_step:
+        if trainer.global_step != self._fit_start_step:
+            self.consolidate(pl_module, trainer=trainer)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if trainer.global_step == self._fit_start_step:
             rank_zero_warn(
                 "EWCCallback: this fit ran no optimizer step, so there is no new task to consolidate. When fitting the "
                 "same Trainer again, raise `trainer.fit_loop.max_epochs` (or max_steps) first."
             )
-            return
-        self.consolidate(pl_module, trainer=trainer)
 
     def state_dict(self) -> dict[str, Any]:
         state = {"version": 1, "consolidated": self.state.state_dict(), "importance": self.importance_name}

@@ -1,0 +1,116 @@
+"""DDP: the Fisher the EWCCallback consolidates over 2 CPU ranks equals the single-process Fisher.
+
+The DDP fit runs in a subprocess (tests/ddp_fisher_script.py): Lightning's DDP launcher re-executes ``sys.argv`` for
+the other ranks, which must not be pytest's command line.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import TaskNet, split_mnist_task
+from torch.utils.data import DataLoader
+
+from lightning_ewc import estimate_fisher
+from lightning_ewc.data.idx import DATA_ENV, data_dir
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+SCRIPT = TESTS / "ddp_fisher_script.py"
+
+
+def assert_close_rel(actual: dict, expected: dict, rel: float) -> None:
+    """Same keys, and every tensor within ``rel`` of the reference relative to the reference tensor's largest entry."""
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        a, e = actual[name].double(), expected[name].double()
+        assert a.shape == e.shape, name
+        scale = e.abs().max().item()
+        err = (a - e).abs().max().item()
+        assert err <= rel * scale + 1e-12, f"{name}: max |diff| {err:.3e} vs scale {scale:.3e}"
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, mnist_dir):
+    out = tmp_path_factory.mktemp("ddp")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), str(TESTS), env.get("PYTHONPATH", "")) if p)
+    env[DATA_ENV] = str(data_dir())
+    env.pop("LOCAL_RANK", None)  # the launcher must start rank 1 itself
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    elapsed = time.perf_counter() - started
+    output = f"--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
+    assert proc.returncode == 0, f"DDP script failed (rc={proc.returncode}) after {elapsed:.1f}s\n{output}"
+    print(f"\nDDP subprocess took {elapsed:.1f}s")
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return ranks, output
+
+
+def reference_fisher(saved: dict, estimator: str) -> dict:
+    model = TaskNet(hidden=saved["hidden"], num_tasks=2)
+    model.load_state_dict(saved["state_dict"])
+    data = split_mnist_task(0, train=True, limit=saved["num_samples"])
+    return estimate_fisher(
+        model,
+        DataLoader(data, batch_size=50, shuffle=False),
+        estimator,
+        logits_fn=lambda batch: model(batch[0], 0),
+    )
+
+
+def test_ddp_ran_two_ranks_with_uneven_shards(ddp_run):
+    ranks, output = ddp_run
+    assert [r["global_rank"] for r in ranks] == [0, 1]
+    assert all(r["world_size"] == 2 for r in ranks)
+    assert all(r["global_step"] == 5 for r in ranks)
+    assert ranks[0]["num_samples"] % 2 == 1  # 151 + 150: the shards differ in size
+    # The all-reduced count is the dataset size: no DistributedSampler padding (302), no per-rank count (151).
+    assert "fisher/exact, 301 samples" in output
+    assert "fisher/empirical, 301 samples" in output
+    # DDP kept the replicas identical, so the reference below may use either rank's weights.
+    for name, w in ranks[0]["state_dict"].items():
+        assert torch.equal(w, ranks[1]["state_dict"][name]), name
+
+
+@pytest.mark.parametrize("estimator", ["exact", "empirical"])
+def test_ddp_fisher_equals_single_process_fisher(ddp_run, estimator):
+    ranks, _ = ddp_run
+    # Both ranks hold the same all-reduced importance.
+    assert_close_rel(ranks[1][estimator], ranks[0][estimator], rel=1e-6)
+    expected = reference_fisher(ranks[0], estimator)
+    assert set(expected) == set(ranks[0][estimator])
+    # Something was actually estimated: the trunk and head 0 carry importance; head 1 saw no data.
+    assert expected["trunk.0.weight"].abs().max() > 0 and expected["heads.0.weight"].abs().max() > 0
+    assert ranks[0][estimator]["heads.1.weight"].abs().max() == 0
+    for saved in ranks:
+        assert_close_rel(saved[estimator], expected, rel=1e-5)
+
+
+def test_ddp_exact_and_empirical_differ(ddp_run):
+    # Guards the parametrized test above against comparing the same tensors twice.
+    ranks, _ = ddp_run
+    diff = (ranks[0]["exact"]["trunk.0.weight"] - ranks[0]["empirical"]["trunk.0.weight"]).abs().max()
+    assert diff > 1e-3 * ranks[0]["exact"]["trunk.0.weight"].abs().max()
+
+
+def test_ddp_centre_is_the_final_weights(ddp_run):
+    ranks, _ = ddp_run
+    for saved in ranks:
+        for key in ("centre", "empirical_centre"):
+            assert saved[key].keys() == saved["state_dict"].keys()
+            for name, c in saved[key].items():
+                assert torch.equal(c, saved["state_dict"][name]), (key, name)
