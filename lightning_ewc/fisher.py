@@ -177,8 +177,6 @@ def limit_samples(batches: Iterable[Batch], num_samples: int | None) -> Iterator
         raise ValueError(f"num_samples must be a positive integer or None (all samples); got {num_samples}")
     seen = 0
     for batch in batches:
-        if num_samples is not None and seen >= num_samples:
-            return
         n = batch_size_of(batch)
         if n is None:
             raise TypeError(f"a batch of type {type(batch).__name__} holds no tensor with a batch dimension")
@@ -186,6 +184,8 @@ def limit_samples(batches: Iterable[Batch], num_samples: int | None) -> Iterator
             batch, n = slice_batch(batch, 0, num_samples - seen, n), num_samples - seen
         seen += n
         yield batch
+        if num_samples is not None and seen >= num_samples:
+            return  # before asking the loader for a batch we would not use
 
 
 def accumulate_importance(

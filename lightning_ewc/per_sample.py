@@ -61,6 +61,16 @@ class _Rule:
         """Whether several calls can be merged by concatenating inputs along a non-batch axis (then one call)."""
         return False
 
+    def batch_sum(self, module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+        """Σ_n of the per-sample gradients (what autograd gives), in chunks so memory stays bounded."""
+        numel = sum(p.numel() for p in module.parameters(recurse=False))
+        chunk = max(1, _MAX_BLOCK_ELEMENTS // max(numel, 1))
+        total: dict[str, Tensor] = {}
+        for start in range(0, a.shape[0], chunk):
+            for name, t in self.per_sample(module, a[start : start + chunk], g[start : start + chunk]).items():
+                total[name] = t.sum(0) if name not in total else total[name] + t.sum(0)
+        return total
+
 
 class _LinearRule(_Rule):
     def applies(self, module: nn.Module) -> bool:
@@ -75,6 +85,14 @@ class _LinearRule(_Rule):
         out = {"weight": torch.einsum("nlo,nli->noi", g3, a3)}
         if module.bias is not None:
             out["bias"] = g3.sum(1)
+        return out
+
+
+    def batch_sum(self, module, a, g):
+        a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+        out = {"weight": g2.t().mm(a2)}
+        if module.bias is not None:
+            out["bias"] = g2.sum(0)
         return out
 
 
@@ -155,13 +173,9 @@ class _EmbeddingRule(_Rule):
     def concat_calls(self) -> bool:
         return True
 
-    def per_sample(self, module, a, g):  # only used by the self-check's "sum" path
-        n = a.shape[0]
-        dense = torch.zeros(n, *module.weight.shape, dtype=g.dtype, device=g.device)
-        idx = a.reshape(n, -1)
-        gg = g.reshape(n, -1, g.shape[-1]) * (idx != _padding(module)).unsqueeze(-1)
-        dense.scatter_add_(1, idx.unsqueeze(-1).expand_as(gg), gg)
-        return {"weight": dense}
+    def batch_sum(self, module, a, g):
+        rows = g.reshape(-1, g.shape[-1]) * (a.reshape(-1) != _padding(module)).unsqueeze(-1)
+        return {"weight": torch.zeros_like(module.weight, dtype=g.dtype).index_add_(0, a.reshape(-1), rows)}
 
     def reduce_rows(self, module, a, g, reduction: Reduction) -> Tensor:
         """Σ_n r(per-sample gradient) without the dense [N, V, D] tensor: group each sample's rows by token."""
@@ -445,10 +459,10 @@ class PerSampleAccumulator:
             for (a, out), g in zip(tap.calls, gs):
                 if g is None:
                     continue
-                for local, t in tap.rule.per_sample(tap.module, a, g).items():
+                for local, t in tap.rule.batch_sum(tap.module, a, g).items():
                     if local in tap.names:
                         full = tap.names[local]
-                        tap_sums[full] = t.sum(0) if full not in tap_sums else tap_sums[full] + t.sum(0)
+                        tap_sums[full] = t if full not in tap_sums else tap_sums[full] + t
         wrong = []
         for (_, _, full), expected in zip(tapped, batch_grads):
             got = tap_sums.get(full)
