@@ -26,7 +26,8 @@ def data_dir(override: str | os.PathLike | None = None) -> Path:
 
     The layout is torchvision's: ``ROOT/MNIST/raw/*.gz``, ``ROOT/FashionMNIST/raw/*.gz``.
     """
-    return Path(override if override is not None else os.environ.get(DATA_ENV, "data")).expanduser()
+    # Resolved now, so that a relative setting keeps meaning the same folder in subprocesses and Hydra run dirs.
+    return Path(override if override is not None else os.environ.get(DATA_ENV, "data")).expanduser().resolve()
 
 
 def read_idx(path: str | os.PathLike) -> torch.Tensor:
