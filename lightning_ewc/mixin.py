@@ -27,6 +27,9 @@ class EWCMixin:
     log-likelihood over the current task's head, and :meth:`ewc_targets` if labels are not ``batch[1]``.
     """
 
+    #: Say once when the Trainer has no EWCCallback. Apps that train without one on purpose (baselines) set False.
+    ewc_warn_without_callback: bool = True
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         step = cls.__dict__.get("training_step")
@@ -61,7 +64,7 @@ class EWCMixin:
         if trainer is None:
             return None
         found = next((cb for cb in trainer.callbacks if isinstance(cb, EWCCallback)), None)
-        if found is None and not self.__dict__.get("_ewc_warned"):
+        if found is None and self.ewc_warn_without_callback and not self.__dict__.get("_ewc_warned"):
             self.__dict__["_ewc_warned"] = True
             rank_zero_warn(
                 f"{type(self).__name__} inherits EWCMixin but the Trainer has no EWCCallback: training without the EWC "

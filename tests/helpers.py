@@ -75,3 +75,45 @@ def task_accuracy(net: TaskNet, task: int) -> float:
         acc = (net(data.tensors[0], task).argmax(1) == data.tensors[1]).float().mean().item()
     net.train(was_training)
     return acc
+
+
+class CrashAt(L.Callback):
+    """Raises at a step of a task, to simulate a run that dies mid-stream (used through the app's extra_callbacks)."""
+
+    def __init__(self, task: int, step: int) -> None:
+        self.task, self.step = task, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if pl_module.task == self.task and trainer.global_step == self.step:
+            raise RuntimeError(f"simulated crash at step {self.step} of task {self.task}")
+
+
+def wandb_history(run_file) -> list[dict]:
+    """History rows of an offline W&B run, read from its ``run-*.wandb`` file.
+
+    Written here because wandb 0.31 ships no Python reader: the file is a 7-byte header (":W&B", magic, version)
+    followed by LevelDB-log records (crc32c, little-endian length, type) in 32 KiB blocks, each a protobuf Record.
+    """
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    raw = open(run_file, "rb").read()
+    assert raw[:4] == b":W&B", "not a W&B run file"
+    block, pos, pending, rows = 32 * 1024, 7, b"", []
+    while pos + 7 <= len(raw):
+        left = block - pos % block
+        if left < 7:  # a record header never straddles blocks: the tail is padding
+            pos += left
+            continue
+        length, kind = struct.unpack("<HB", raw[pos + 4 : pos + 7])
+        pending += raw[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST fragment: a whole record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+    return rows

@@ -1,0 +1,151 @@
+"""Backbones and the continual classifier whose heads follow the scenario (hard parameter sharing)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import lightning.pytorch as L
+import torch
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_ewc import EWCMixin
+
+HEAD_LAYOUTS = ("auto", "multi", "single")
+
+
+class MLP(nn.Module):
+    """Flatten, then Linear-ReLU blocks; ``out_features`` is the width of the last block."""
+
+    def __init__(self, input_shape: Sequence[int], hidden: Sequence[int] = (400, 400), dropout: float = 0.0) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = math.prod(input_shape)
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.ReLU()] + ([nn.Dropout(dropout)] if dropout else [])
+            width = size
+        self.layers = nn.Sequential(*layers)
+        self.out_features = width
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
+
+
+class CNN(nn.Module):
+    """Small conv net: [3x3 conv, BatchNorm, ReLU, 2x2 max-pool] per channel count, then one Linear-ReLU layer."""
+
+    def __init__(
+        self, input_shape: Sequence[int], channels: Sequence[int] = (32, 64), hidden: int = 256, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        in_channels, height, width = input_shape
+        blocks: list[nn.Module] = []
+        for out_channels in channels:
+            blocks += [
+                nn.Conv2d(in_channels, out_channels, 3, padding=1),
+                nn.BatchNorm2d(out_channels),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
+            in_channels, height, width = out_channels, height // 2, width // 2
+        self.features = nn.Sequential(*blocks, nn.Flatten())
+        self.fc = nn.Sequential(nn.Linear(in_channels * height * width, hidden), nn.ReLU())
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.out_features = hidden
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.fc(self.features(x)))
+
+
+def resolve_heads(scenario: str, heads: str) -> str:
+    """``auto`` → one head per task for the task scenario, one shared head otherwise; refuses impossible layouts."""
+    if heads not in HEAD_LAYOUTS:
+        raise ValueError(f"unknown head layout {heads!r}; choose one of {HEAD_LAYOUTS}")
+    if heads == "auto":
+        return "multi" if scenario == "task" else "single"
+    if heads == "multi" and scenario != "task":
+        raise ValueError(
+            f"task-specific heads need the task identity at test time, which the {scenario!r} scenario does not give; "
+            "use model.heads=auto (one shared head) or stream.scenario=task"
+        )
+    return heads
+
+
+class ContinualClassifier(EWCMixin, L.LightningModule):
+    """A shared backbone ("trunk") with heads laid out for the scenario.
+
+    * task scenario, multi-head: one head of ``classes_per_task`` outputs per task, chosen by the batch's task ids;
+    * domain scenario: one head of ``classes_per_task`` outputs;
+    * class scenario: one head over all classes, of which only the classes seen so far are active (van de Ven et
+      al. 2022), so a task's training cannot push up classes that do not exist yet.
+
+    Batches are ``(x, y, t)``. The EWC importance pass uses the same logits as training (``ewc_logits``).
+    """
+
+    ewc_warn_without_callback = False  # fine-tuning, freezing and joint training run without EWC on purpose
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        scenario: str,
+        num_tasks: int,
+        classes_per_task: int,
+        heads: str = "auto",
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+    ) -> None:
+        super().__init__()
+        self.scenario, self.num_tasks, self.classes_per_task = scenario, num_tasks, classes_per_task
+        self.head_layout = resolve_heads(scenario, heads)
+        self.backbone = backbone
+        outputs = num_tasks * classes_per_task if scenario == "class" else classes_per_task
+        count = num_tasks if self.head_layout == "multi" else 1
+        self.heads = nn.ModuleList(nn.Linear(backbone.out_features, outputs) for _ in range(count))
+        self.num_outputs = outputs
+        self.optimizer_factory = optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3))
+        self.task = 0
+        self.active_classes = outputs if scenario != "class" else classes_per_task
+        self.test_accuracy = nn.ModuleList(
+            MulticlassAccuracy(num_classes=outputs, average="micro") for _ in range(num_tasks)
+        )
+        self.last_test_accuracies: list[float] = []
+
+    def set_task(self, task: int) -> None:
+        """The task about to be trained: selects the active classes of the class scenario."""
+        self.task = task
+        if self.scenario == "class":
+            self.active_classes = (task + 1) * self.classes_per_task
+
+    def logits(self, x: Tensor, t: Tensor) -> Tensor:
+        features = self.backbone(x)
+        if self.head_layout == "multi":
+            every_head = torch.stack([head(features) for head in self.heads], dim=1)  # [N, heads, C]
+            return every_head[torch.arange(len(t), device=t.device), t]
+        out = self.heads[0](features)
+        return out[:, : self.active_classes] if self.scenario == "class" else out
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.logits(x, t)
+
+    def training_step(self, batch, batch_idx):
+        x, y, t = batch
+        loss = nn.functional.cross_entropy(self.logits(x, t), y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def ewc_logits(self, batch) -> Tensor:
+        x, _, t = batch
+        return self.logits(x, t)
+
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        x, y, t = batch
+        self.test_accuracy[dataloader_idx].update(self.logits(x, t).argmax(1), y)
+
+    def on_test_epoch_end(self) -> None:
+        # One accuracy per test dataloader (= per task); torchmetrics syncs them across DDP ranks.
+        self.last_test_accuracies = [float(metric.compute()) for metric in self.test_accuracy]
+        for metric in self.test_accuracy:
+            metric.reset()
+
+    def configure_optimizers(self):
+        return self.optimizer_factory(self.parameters())

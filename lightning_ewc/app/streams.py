@@ -1,0 +1,329 @@
+"""Task streams for continual learning: Split / Permuted / Rotated MNIST, Split Fashion-MNIST and 8x8 digits.
+
+A stream is a list of tasks, each with in-memory train and test tensors ``(x, y, t)``. The labels follow the three
+scenarios of van de Ven & Tolias (2019):
+
+- ``task``: labels are indices within the task and the model is told the task ``t`` (one head per task);
+- ``domain``: labels are indices within the task, the model is not told ``t`` (one shared head);
+- ``class``: labels are global (split streams: the original digit; permuted/rotated: ``10 * task + digit``), so the
+  model must tell all classes of all tasks apart.
+
+Builders take keyword arguments only, so that Hydra configs can call them through ``_target_``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import TensorDataset
+
+from lightning_ewc.data import idx
+
+SCENARIOS = ("task", "domain", "class")
+
+# What a seeded draw is for, so that draws for different purposes never share a random stream.
+_TRAIN_SUBSET, _TEST_SUBSET, _PERMUTATION = 0, 1, 2
+_ROTATION_CHUNK = 8192  # images rotated at once; bounds the sampling grid's memory (~50 MB at 28x28)
+Images = tuple[Tensor, Tensor]  # (images [N, H, W]: uint8 0..255 or float in [0, 1], labels int64 [N])
+
+
+@dataclass
+class Task:
+    train: TensorDataset  # (x float32 [N, C, H, W] in [0, 1], y int64 [N], t int64 [N])
+    test: TensorDataset
+    classes: list[int]  # labels, in the scenario's label space, that occur in this task
+
+
+@dataclass
+class TaskStream:
+    name: str
+    scenario: str
+    tasks: list[Task]
+    input_shape: tuple[int, ...]
+    classes_per_task: int
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def num_classes(self) -> int:
+        """Outputs the model needs: per head for task/domain, over all tasks for class."""
+        if self.scenario == "class":
+            return self.num_tasks * self.classes_per_task
+        return self.classes_per_task
+
+    def classes_seen(self, task: int) -> list[int]:
+        """Sorted labels of tasks 0..task."""
+        if not 0 <= task < self.num_tasks:
+            raise ValueError(f"task must be in [0, {self.num_tasks}), got {task}")
+        return sorted({c for t in self.tasks[: task + 1] for c in t.classes})
+
+
+# ----------------------------------------------------------------------------------------------------------- builders
+
+
+def split_mnist(
+    scenario: str = "task",
+    data_dir: str | os.PathLike | None = None,
+    download: bool = False,
+    num_tasks: int = 5,
+    subsample: int | None = None,
+    test_subsample: int | None = None,
+    seed: int = 0,
+) -> TaskStream:
+    """MNIST as tasks of two digits: 0/1, 2/3, 4/5, 6/7, 8/9."""
+    return _split_idx_stream(
+        "split_mnist", "MNIST", scenario, data_dir, download, num_tasks, subsample, test_subsample, seed
+    )
+
+
+def split_fashion_mnist(
+    scenario: str = "task",
+    data_dir: str | os.PathLike | None = None,
+    download: bool = False,
+    num_tasks: int = 5,
+    subsample: int | None = None,
+    test_subsample: int | None = None,
+    seed: int = 0,
+) -> TaskStream:
+    """Fashion-MNIST as tasks of two classes: 0/1 (T-shirt, trouser), 2/3 (pullover, dress), ..."""
+    return _split_idx_stream(
+        "split_fashion_mnist", "FashionMNIST", scenario, data_dir, download, num_tasks, subsample, test_subsample, seed
+    )
+
+
+def permuted_mnist(
+    scenario: str = "domain",
+    num_tasks: int = 10,
+    data_dir: str | os.PathLike | None = None,
+    download: bool = False,
+    subsample: int | None = None,
+    test_subsample: int | None = None,
+    seed: int = 0,
+) -> TaskStream:
+    """All ten MNIST digits per task; task 0 in the original pixel order, task k > 0 under a seeded permutation."""
+    _check_scenario(scenario)
+    _check_positive("num_tasks", num_tasks)
+    data = {train: _load_idx("MNIST", train, data_dir, download) for train in (True, False)}
+    tasks = [
+        _whole_dataset_task(
+            data, task, functools.partial(permute, permutation=pixel_permutation(task, seed)), scenario, subsample,
+            test_subsample, seed,
+        )
+        for task in range(num_tasks)
+    ]
+    return TaskStream("permuted_mnist", scenario, tasks, input_shape=(1, 28, 28), classes_per_task=10)
+
+
+def rotated_mnist(
+    scenario: str = "domain",
+    angles: Sequence[float] = (0, 45, 90, 135, 180),
+    data_dir: str | os.PathLike | None = None,
+    download: bool = False,
+    subsample: int | None = None,
+    test_subsample: int | None = None,
+    seed: int = 0,
+) -> TaskStream:
+    """All ten MNIST digits per task; task k shows them rotated counter-clockwise by ``angles[k]`` degrees."""
+    _check_scenario(scenario)
+    angles = [float(a) for a in angles]  # Hydra hands over a ListConfig
+    if not angles:
+        raise ValueError("rotated_mnist needs at least one angle")
+    data = {train: _load_idx("MNIST", train, data_dir, download) for train in (True, False)}
+    tasks = [
+        _whole_dataset_task(
+            data, task, functools.partial(rotate, degrees=angle), scenario, subsample, test_subsample, seed
+        )
+        for task, angle in enumerate(angles)
+    ]
+    return TaskStream("rotated_mnist", scenario, tasks, input_shape=(1, 28, 28), classes_per_task=10)
+
+
+def digits(
+    scenario: str = "task",
+    num_tasks: int = 5,
+    subsample: int | None = None,
+    test_subsample: int | None = None,
+    seed: int = 0,
+) -> TaskStream:
+    """scikit-learn's bundled 8x8 digits (1797 images, no download) as tasks of two digits, split 75/25 by ``seed``."""
+    _check_scenario(scenario)
+    images, labels = _sklearn_digits()
+    from sklearn.model_selection import train_test_split  # scikit-learn is slow to import; only this stream needs it
+
+    train_index, test_index = train_test_split(
+        np.arange(len(labels)), test_size=0.25, stratify=labels.numpy(), random_state=seed
+    )
+    train_index, test_index = torch.from_numpy(np.sort(train_index)), torch.from_numpy(np.sort(test_index))
+    data = {True: (images[train_index], labels[train_index]), False: (images[test_index], labels[test_index])}
+    tasks = _split_tasks(data, scenario, num_tasks, subsample, test_subsample, seed)
+    return TaskStream("digits", scenario, tasks, input_shape=(1, 8, 8), classes_per_task=2)
+
+
+# ------------------------------------------------------------------------------------------------------- transforms
+
+
+def pixel_permutation(task: int, seed: int = 0, num_pixels: int = 28 * 28) -> Tensor:
+    """Pixel order of permuted-MNIST task ``task``: the identity for task 0, else a permutation drawn from ``seed``."""
+    if task == 0:
+        return torch.arange(num_pixels)
+    return torch.from_numpy(_rng(seed, task, _PERMUTATION).permutation(num_pixels))
+
+
+def permute(images: Tensor, permutation: Tensor) -> Tensor:
+    """Images ``[N, H, W]`` with their ``H * W`` pixels reordered by ``permutation``."""
+    return images.flatten(1).index_select(1, permutation).view_as(images)
+
+
+def rotate(images: Tensor, degrees: float) -> Tensor:
+    """Float images ``[N, H, W]`` rotated counter-clockwise about their centre.
+
+    Bilinear, with zeros outside the original; multiples of 90 degrees move pixel centres onto pixel centres, so
+    they are exact up to float rounding.
+    """
+    radians = math.radians(degrees)
+    cos, sin = math.cos(radians), math.sin(radians)
+    # affine_grid maps each output position to where it samples the input; this matrix makes content turn
+    # counter-clockwise as seen on screen (y grows downwards).
+    theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=torch.float32)
+    rotated = []
+    for chunk in images.unsqueeze(1).split(_ROTATION_CHUNK):
+        grid = F.affine_grid(theta.expand(len(chunk), 2, 3), list(chunk.shape), align_corners=False)
+        rotated.append(F.grid_sample(chunk, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
+    return torch.cat(rotated).squeeze(1)
+
+
+# ----------------------------------------------------------------------------------------------------------- helpers
+
+
+def _split_idx_stream(
+    stream_name: str,
+    dataset: str,
+    scenario: str,
+    data_dir: str | os.PathLike | None,
+    download: bool,
+    num_tasks: int,
+    subsample: int | None,
+    test_subsample: int | None,
+    seed: int,
+) -> TaskStream:
+    _check_scenario(scenario)
+    data = {train: _load_idx(dataset, train, data_dir, download) for train in (True, False)}
+    tasks = _split_tasks(data, scenario, num_tasks, subsample, test_subsample, seed)
+    return TaskStream(stream_name, scenario, tasks, input_shape=(1, 28, 28), classes_per_task=2)
+
+
+def _split_tasks(
+    data: dict[bool, Images],
+    scenario: str,
+    num_tasks: int,
+    subsample: int | None,
+    test_subsample: int | None,
+    seed: int,
+) -> list[Task]:
+    """Task k holds classes 2k and 2k+1 of a ten-class dataset."""
+    if not 1 <= num_tasks <= 5:
+        raise ValueError(f"a split stream has 1 to 5 tasks of two classes, got num_tasks={num_tasks}")
+    tasks = []
+    for task in range(num_tasks):
+        first = 2 * task
+        offset = 0 if scenario == "class" else first  # class scenario keeps the original label
+
+        def part(train: bool) -> TensorDataset:
+            images, labels = data[train]
+            index = torch.nonzero((labels == first) | (labels == first + 1)).squeeze(1)
+            index = index[_subset(len(index), subsample if train else test_subsample, seed, task, train)]
+            return _task_dataset(_unit_pixels(images[index]), labels[index] - offset, task)
+
+        tasks.append(Task(part(True), part(False), classes=[first - offset, first + 1 - offset]))
+    return tasks
+
+
+def _whole_dataset_task(
+    data: dict[bool, Images],
+    task: int,
+    transform: Callable[[Tensor], Tensor],
+    scenario: str,
+    subsample: int | None,
+    test_subsample: int | None,
+    seed: int,
+) -> Task:
+    """All ten classes under ``transform``; the class scenario gives task k its own labels 10k..10k+9."""
+    offset = 10 * task if scenario == "class" else 0
+
+    def part(train: bool) -> TensorDataset:
+        images, labels = data[train]
+        index = _subset(len(labels), subsample if train else test_subsample, seed, task, train)
+        return _task_dataset(transform(_unit_pixels(images[index])), labels[index] + offset, task)
+
+    return Task(part(True), part(False), classes=list(range(offset, offset + 10)))
+
+
+def _unit_pixels(images: Tensor) -> Tensor:
+    """float32 in [0, 1]: uint8 images are scaled by 1/255, float ones are taken as already scaled."""
+    return images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+
+
+def _task_dataset(images: Tensor, labels: Tensor, task: int) -> TensorDataset:
+    """(x float32 [N, 1, H, W], y int64 [N], t int64 [N] = task)."""
+    task_ids = torch.full_like(labels, task, dtype=torch.long)
+    return TensorDataset(images.unsqueeze(1).contiguous(), labels.long(), task_ids)
+
+
+def _subset(size: int, limit: int | None, seed: int, task: int, train: bool) -> Tensor:
+    """Indices of a seeded random subset of at most ``limit`` of ``size`` samples, kept in their original order."""
+    if limit is None or limit >= size:
+        return torch.arange(size)
+    _check_positive("subsample", limit)
+    chosen = _rng(seed, task, _TRAIN_SUBSET if train else _TEST_SUBSET).choice(size, size=limit, replace=False)
+    return torch.from_numpy(np.sort(chosen))
+
+
+def _rng(seed: int, task: int, purpose: int) -> np.random.Generator:
+    return np.random.default_rng([seed, task, purpose])
+
+
+def _load_idx(name: str, train: bool, data_dir: str | os.PathLike | None, download: bool) -> Images:
+    root = idx.data_dir(data_dir)
+    try:
+        return _cached_idx(name, train, root)
+    except FileNotFoundError:
+        if not download:
+            raise
+        idx.load_idx_dataset(name, train, root, download=True)  # fetches the files; the cached read below keeps them
+        return _cached_idx(name, train, root)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_idx(name: str, train: bool, root: Path) -> Images:
+    # Every stream and every seed reads the same files; decompressing MNIST takes about a second, so do it once.
+    # Callers index into these tensors (which copies) and never write to them.
+    return idx.load_idx_dataset(name, train, root)
+
+
+@functools.lru_cache(maxsize=1)
+def _sklearn_digits() -> Images:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return torch.from_numpy(bunch.images / 16.0).float(), torch.from_numpy(bunch.target).long()
+
+
+def _check_scenario(scenario: str) -> None:
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}")
+
+
+def _check_positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value}")

@@ -1,0 +1,296 @@
+"""The app: Hydra configs, the per-task runner, results, loggers, resume, multirun and the console script."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from hydra.errors import MissingConfigException
+from hydra.utils import instantiate
+
+from helpers import make_trainer, wandb_history
+from lightning_ewc.app.models import ContinualClassifier
+from lightning_ewc.app.runner import build_model, run
+from lightning_ewc.app.streams import digits
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+QUICK = ["train.steps_per_task=6", "train.batch_size=32", "logger=none", "trainer.enable_progress_bar=false"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_app(*overrides: str):
+    with initialize_config_module("lightning_ewc.conf", version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def run_app(tmp_path, *overrides: str) -> dict:
+    return run(compose_app(*QUICK, f"output_dir={tmp_path}", *overrides))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------------------------------------
+def test_every_group_has_the_options_the_docs_promise():
+    assert options("stream") == ["digits", "permuted_mnist", "rotated_mnist", "split_fashion_mnist", "split_mnist"]
+    assert options("method") == ["ewc", "finetune", "freeze", "joint", "l2", "mas", "online_ewc", "si"]
+    assert options("model") == ["cnn", "mlp"]
+    assert options("trainer") == ["cpu", "gpu"]
+    assert options("strategy") == ["ddp", "ddp_cpu", "single"]
+    assert options("logger") == ["csv", "many", "none", "tensorboard", "wandb"]
+    assert {"split_mnist_task_il", "permuted_mnist_10"} <= set(options("experiment"))
+    assert {"lambda_sweep", "optuna"} <= set(options("hparams_search"))
+
+
+@pytest.mark.parametrize("group", ["stream", "model", "method", "trainer", "strategy", "logger", "experiment"])
+def test_every_group_option_composes_and_instantiates(group, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for option in options(group):
+        cfg = compose_app(f"{group}={option}", f"output_dir={tmp_path}")
+        assert cfg.method.name in ("finetune", "freeze", "l2", "ewc", "online_ewc", "si", "mas", "joint")
+        if group == "model":
+            backbone = instantiate(cfg.model.backbone, input_shape=(1, 8, 8))
+            assert backbone(torch.zeros(2, 1, 8, 8)).shape == (2, backbone.out_features)
+        if group == "method" and cfg.method.callback is not None:
+            assert instantiate(cfg.method.callback) is not None
+        if group == "logger":
+            for conf in (cfg.logger or {}).values():
+                assert instantiate(conf).save_dir.startswith(str(tmp_path))
+        if group == "strategy":
+            assert "strategy" in cfg.trainer
+        if group == "experiment":
+            assert cfg.train.batch_size == 128 and cfg.stream._target_.endswith("_mnist")
+
+
+def test_experiments_reproduce_the_published_setups():
+    split = compose_app("experiment=split_mnist_task_il")
+    assert (split.stream.scenario, list(split.model.backbone.hidden)) == ("task", [400, 400])
+    assert (split.train.steps_per_task, split.train.batch_size, split.optimizer.lr) == (2000, 128, 1e-3)
+    permuted = compose_app("experiment=permuted_mnist_10")
+    assert (permuted.stream.scenario, permuted.stream.num_tasks) == ("domain", 10)
+    assert (list(permuted.model.backbone.hidden), permuted.optimizer.lr) == ([1000, 1000], 1e-4)
+    assert permuted.train.steps_per_task == 5000
+
+
+def test_lambda_sweep_sweeps_decades():
+    cfg = compose_app("hparams_search=lambda_sweep")
+    # the sweeper's params live under hydra; compose gives them with return_hydra_config
+    with initialize_config_module("lightning_ewc.conf", version_base="1.3"):
+        hydra_cfg = compose("config", overrides=["hparams_search=lambda_sweep"], return_hydra_config=True)
+    assert hydra_cfg.hydra.sweeper.params["method.callback.ewc_lambda"] == ",".join(f"1e{k}" for k in range(9))
+    assert cfg.method.name == "ewc"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("group", ["stream", "method", "model", "logger"])
+def test_unknown_names_list_the_valid_ones(group):
+    with pytest.raises(MissingConfigException) as err:
+        compose_app(f"{group}=nonsense")
+    for valid in options(group):
+        assert valid in str(err.value)
+
+
+def test_missing_dataset_says_where_it_looked(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere" / "MNIST" / "raw")):
+        run_app(tmp_path, "stream=split_mnist", f"stream.data_dir={tmp_path / 'nowhere'}")
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["stream.scenario=class", "model.heads=multi"], "task-specific heads need the task identity"),
+        (["method=joint", "+method.callback={_target_: lightning_ewc.EWCCallback}"], "nothing to consolidate"),
+        (["train.steps_per_task=null"], "exactly one of"),
+        (["stream.scenario=sideways"], "unknown scenario"),
+    ],
+)
+def test_impossible_combinations_are_refused_before_training(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        run_app(tmp_path, *overrides)
+    assert not (tmp_path / "results.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Heads per scenario
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "scenario, heads, outputs",
+    [("task", 5, 2), ("domain", 1, 2), ("class", 1, 10)],
+)
+def test_scenarios_get_the_head_layout_they_promise(scenario, heads, outputs):
+    cfg = compose_app(f"stream.scenario={scenario}")
+    stream = digits(scenario=scenario)
+    model: ContinualClassifier = build_model(cfg, stream)
+    assert len(model.heads) == heads
+    assert all(h.out_features == outputs for h in model.heads)
+    x, y, t = stream.tasks[2].train.tensors
+    model.set_task(2)
+    logits = model.logits(x[:4], t[:4])
+    assert logits.shape == (4, 6 if scenario == "class" else 2)  # class: only the 6 classes seen so far are active
+    if scenario == "task":  # the batch's task id picks the head
+        torch.testing.assert_close(logits, model.heads[2](model.backbone(x[:4])))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# End-to-end runs
+# ----------------------------------------------------------------------------------------------------------------------
+def check_results(results: dict, out: Path, num_tasks: int) -> None:
+    matrix = results["acc_matrix"]
+    assert len(matrix) == num_tasks and all(len(row) == num_tasks for row in matrix)
+    assert all(0.0 <= a <= 1.0 for row in matrix for a in row)
+    assert len(results["baseline"]) == num_tasks and len(results["task_times"]) == num_tasks
+    assert results["avg_acc"] == pytest.approx(sum(matrix[-1]) / num_tasks)
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["acc_matrix"] == matrix and on_disk["config"]["output_dir"] == str(out)
+    assert (out / "accuracy_matrix.png").stat().st_size > 1000 and (out / "task_curves.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    "stream, extra, num_tasks",
+    [
+        ("digits", [], 5),
+        ("split_mnist", ["stream.num_tasks=2"], 2),
+        ("split_fashion_mnist", ["stream.num_tasks=2"], 2),
+        ("permuted_mnist", ["stream.num_tasks=2"], 2),
+        ("rotated_mnist", ["stream.angles=[0,90]"], 2),
+    ],
+)
+def test_one_run_per_stream(stream, extra, num_tasks, tmp_path, mnist_dir):
+    small = [] if stream == "digits" else ["stream.subsample=300", "stream.test_subsample=300"]
+    results = run_app(tmp_path, f"stream={stream}", *small, *extra)
+    check_results(results, tmp_path, num_tasks)
+    assert results["stream"] == stream
+
+
+@pytest.mark.parametrize("method", ["finetune", "freeze", "l2", "ewc", "online_ewc", "si", "mas", "joint"])
+def test_one_run_per_method(method, tmp_path):
+    # 30 steps: enough for a trunk that `freeze` can keep and still learn new heads on
+    results = run_app(tmp_path, f"method={method}", "stream.num_tasks=3", "train.steps_per_task=30")
+    check_results(results, tmp_path, 3)
+    assert results["method"] == method
+    # every method learns each task it has just trained on, well above chance (0.5); `freeze` and a strong `l2`
+    # are the weakest at this: a trunk kept from task 0 limits the later tasks
+    assert all(results["acc_matrix"][k][k] > 0.6 for k in range(3))
+
+
+def test_freeze_keeps_the_backbone_from_the_second_task_on():
+    from lightning_ewc.app.datamodule import TaskDataModule
+    from lightning_ewc.app.methods import FreezeAfterFirstTask
+
+    cfg = compose_app("method=freeze")
+    stream = digits(num_tasks=2)
+    model, freeze = build_model(cfg, stream), FreezeAfterFirstTask(modules=["backbone"])
+    data = TaskDataModule(stream, batch_size=32)
+    snapshots = []
+    for task in range(2):
+        model.set_task(task)
+        data.set_task(task)
+        make_trainer(max_steps=5, callbacks=[freeze]).fit(model, datamodule=data)
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+    backbone = [k for k in snapshots[0] if k.startswith("backbone.")]
+    assert backbone and all(torch.equal(snapshots[0][k], snapshots[1][k]) for k in backbone)
+    assert not torch.equal(snapshots[0]["heads.1.weight"], snapshots[1]["heads.1.weight"])  # the new head trains
+    assert torch.equal(snapshots[0]["heads.0.weight"], snapshots[1]["heads.0.weight"])  # the old head is untouched
+
+
+def test_class_incremental_ewc_runs_with_growing_outputs(tmp_path):
+    results = run_app(tmp_path, "stream.scenario=class", "stream.num_tasks=3")
+    check_results(results, tmp_path, 3)
+    assert results["acc_matrix"][0][1] == 0.0  # classes of a task not seen yet cannot be predicted
+
+
+@pytest.mark.parametrize("crash_step", [5, 10])  # before task 1's first epoch end (9 batches), and after it
+def test_resume_after_a_crash_gives_the_uninterrupted_matrix(tmp_path, crash_step):
+    common = ["stream.num_tasks=3", "train.steps_per_task=12", "method=ewc"]
+    straight = run_app(tmp_path / "straight", *common)
+
+    crashed = tmp_path / "crashed"
+    crash = f"+extra_callbacks=[{{_target_: helpers.CrashAt, task: 1, step: {crash_step}}}]"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_app(crashed, *common, crash)
+    partial = json.loads((crashed / "results.json").read_text())
+    assert partial["tasks_done"] == 1  # task 0's results survived the crash
+    mid_task = (crashed / "checkpoints" / "task1_last.ckpt").exists()
+    assert mid_task == (crash_step > 9)  # the later crash resumes inside task 1, the earlier one from its start
+    resumed = run_app(crashed, *common, "resume=true")
+
+    assert resumed["acc_matrix"] == straight["acc_matrix"]
+    assert resumed["baseline"] == straight["baseline"]
+    assert resumed["acc_matrix"][0] == partial["acc_matrix"][0]
+    assert sorted(p.name for p in (crashed / "checkpoints").iterdir()) == ["task2_end.ckpt"]
+
+
+def test_wandb_offline_history_holds_the_metrics(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    results = run(compose_app("train.steps_per_task=6", "logger=wandb", "stream.num_tasks=2", f"output_dir={tmp_path}",
+                              "logger.wandb.tags=[test]"))
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    rows = wandb_history(run_file)
+    per_task = [r for r in rows if "acc/task0" in r]
+    assert len(per_task) == 2  # one row of accuracies per task trained
+    assert per_task[-1]["acc/task1"] == pytest.approx(results["acc_matrix"][-1][1])
+    assert per_task[-1]["summary/avg_acc"] == pytest.approx(results["avg_acc"])
+    assert any("train/loss" in r for r in rows) and any("ewc/penalty" in r for r in rows)
+    logged = {k: v for r in rows for k, v in r.items()}  # images and tables are logged as nested keys
+    assert logged["acc_matrix/_type"] == "table-file" and logged["acc_matrix/nrows"] == 2
+    assert "image" in logged["acc_matrix_heatmap/_type"] and "image" in logged["task_curves/_type"]
+
+
+def test_csv_logger_has_curves_across_tasks(tmp_path):
+    results = run(compose_app("train.steps_per_task=10", "logger=csv", "stream.num_tasks=2", f"output_dir={tmp_path}"))
+    (metrics,) = tmp_path.glob("csv/version_*/metrics.csv")
+    header, *lines = metrics.read_text().splitlines()
+    columns = header.split(",")
+    steps = [int(line.split(",")[columns.index("step")]) for line in lines]
+    assert steps == sorted(steps) and max(steps) >= 19  # one increasing step axis over both tasks
+    last = dict(zip(columns, lines[-1].split(",")))
+    assert float(last["acc/task1"]) == pytest.approx(results["acc_matrix"][-1][1])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------------
+def cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run([sys.executable, "-m", "lightning_ewc", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done
+
+
+def test_help_lists_the_config_groups(tmp_path):
+    out = cli("--help", cwd=tmp_path).stdout
+    for group in ("stream", "method", "model", "logger", "strategy", "experiment"):
+        assert f"{group}:" in out
+    console = Path(sys.executable).with_name("lightning-ewc")
+    assert subprocess.run([str(console), "--help"], capture_output=True, text=True).returncode == 0
+
+
+def test_default_run_with_no_arguments(tmp_path):
+    done = cli(cwd=tmp_path, timeout=120)
+    (results,) = tmp_path.glob("outputs/*/*/results.json")
+    data = json.loads(results.read_text())
+    assert data["stream"] == "digits" and data["method"] == "ewc" and data["tasks_done"] == 5
+    assert data["avg_acc"] > 0.9
+    assert "after task 4" in done.stdout and str(results) in done.stdout and "accuracy_matrix.png" in done.stdout
+    assert "[lightning-ewc] task 5/5" in done.stdout
+    assert list(results.parent.glob("csv/version_0/metrics.csv"))
+
+
+def test_multirun_writes_one_summary_table(tmp_path):
+    sweep = tmp_path / "sweep"
+    cli("-m", "method.callback.ewc_lambda=1,1000", "train.steps_per_task=5", "stream.num_tasks=2", "logger=none",
+        f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    rows = (sweep / "summary.csv").read_text().splitlines()
+    assert len(rows) == 3  # header + one row per run
+    assert "method.callback.ewc_lambda=1 " in rows[1] + " " and "method.callback.ewc_lambda=1000" in rows[2]
+    assert "avg_acc" in (sweep / "summary.md").read_text()
