@@ -294,3 +294,39 @@ def test_multirun_writes_one_summary_table(tmp_path):
     assert len(rows) == 3  # header + one row per run
     assert "method.callback.ewc_lambda=1 " in rows[1] + " " and "method.callback.ewc_lambda=1000" in rows[2]
     assert "avg_acc" in (sweep / "summary.md").read_text()
+
+
+def test_optuna_sweep_finds_a_lambda_and_writes_the_summary(tmp_path):
+    sweep = tmp_path / "optuna"
+    cli("hparams_search=optuna", "hydra.sweeper.n_trials=2", "train.steps_per_task=5", "stream.num_tasks=2",
+        "logger=none", "trainer.enable_progress_bar=false", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    best = (sweep / "optimization_results.yaml").read_text()
+    assert "method.callback.ewc_lambda" in best and "best_value" in best
+    assert len((sweep / "summary.csv").read_text().splitlines()) == 3
+
+
+def test_ddp_cpu_run_matches_the_metrics_it_reports(tmp_path):
+    run_dir = tmp_path / "ddp"
+    cli("strategy=ddp_cpu", "train.steps_per_task=10", "stream.num_tasks=2", "logger=none",
+        "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["tasks_done"] == 2 and results["config"]["trainer"]["devices"] == 2
+    assert all(results["acc_matrix"][k][k] > 0.8 for k in range(2))
+    assert (run_dir / "train_ddp_process_1.log").exists()  # a second process really ran
+
+
+def test_configs_are_found_from_a_non_editable_install(tmp_path):
+    """The wheel carries conf/ as lightning_ewc.conf; run from outside the repository with only the wheel's files."""
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "wheel"), str(repo)], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "wheel").glob("lightning_ewc-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site"),
+                    str(wheel)], check=True, capture_output=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    probe = "import lightning_ewc, lightning_ewc.conf as c; print(lightning_ewc.__file__, c.__file__)"
+    where = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert str(tmp_path / "site") in where.stdout and str(repo) not in where.stdout
+    done = subprocess.run([sys.executable, "-m", "lightning_ewc", "--help"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "split_mnist" in done.stdout and "permuted_mnist_10" in done.stdout

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,7 +196,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ]
         trainer = _trainer(cfg, callbacks, loggers, logged_steps=results.meta.get("logged_steps", 0))
         started = time.perf_counter()
-        trainer.fit(model, datamodule=datamodule, ckpt_path=mid_task if cfg.resume and mid_task.exists() else None)
+        with warnings.catch_warnings():  # the folder holds the previous task's checkpoint on purpose
+            warnings.filterwarnings("ignore", message=".*exists and is not empty")
+            trainer.fit(model, datamodule=datamodule, ckpt_path=mid_task if cfg.resume and mid_task.exists() else None)
         row = _test(trainer, model, datamodule)
         trainer.save_checkpoint(ckpt_dir / f"task{task}_end.ckpt", weights_only=False)
         results.acc_matrix.append(row)
