@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_ewc._lightning import rank_zero_warn
+from lightning_ewc._lightning import LightningModule, rank_zero_warn
 from lightning_ewc.fisher import default_inputs, default_targets
 
 
@@ -32,8 +32,14 @@ class EWCMixin:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        step = cls.__dict__.get("training_step")
-        if step is not None and not getattr(step, "_adds_ewc_penalty", False):
+        # Through the MRO, so that `class Net(EWCMixin, ExistingModule): pass` wraps the inherited step too. Never
+        # Lightning's own default: wrapping it would make Lightning believe training_step is implemented.
+        step = getattr(cls, "training_step", None)
+        if (
+            step is not None
+            and step is not getattr(LightningModule, "training_step", None)
+            and not getattr(step, "_adds_ewc_penalty", False)
+        ):
             cls.training_step = _adding_penalty(step)
 
     # -- user overrides -----------------------------------------------------------------------------------------------

@@ -212,6 +212,36 @@ def test_subclass_calling_super_training_step_adds_the_penalty_once(task_data):
     assert float(total) == pytest.approx(float(task_loss + callback.penalty(net)), rel=1e-6)
 
 
+def test_mixin_over_an_existing_module_wraps_its_inherited_training_step(task_data):
+    class Existing(L.LightningModule):  # the user's module, untouched
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(784, 2)
+
+        def forward(self, x):
+            return self.layer(x)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    class Continual(EWCMixin, Existing):
+        pass
+
+    torch.manual_seed(0)
+    net, callback = Continual(), EWCCallback(ewc_lambda=1e3)
+    make_trainer(max_steps=3, callbacks=[callback]).fit(net, loader(task_data[0], 32))
+    make_trainer(max_steps=3, callbacks=[callback]).fit(net, loader(task_data[1], 32))
+    batch = next(iter(loader(task_data[1], 32)))
+    penalty = float(callback.penalty(net))
+    assert penalty > 0
+    assert float(net.training_step(batch, 0)) == pytest.approx(float(Existing.training_step(net, batch, 0)) + penalty,
+                                                               rel=1e-6)
+    assert "training_step" not in EWCMixin.__dict__  # Lightning's default stays recognisably un-overridden
+
+
 def test_callback_on_module_without_mixin_is_refused(task_data):
     class Plain(L.LightningModule):
         def __init__(self):
