@@ -321,7 +321,18 @@ def _tokens(n, gen):
     return t
 
 
+class GroupedConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, groups=2, padding=1)
+        self.head = nn.Linear(6 * 4 * 4, 3)
+
+    def forward(self, x):  # [N, 4, 4, 4]
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
 TAP_CASES = {
+    "conv2d_grouped": (GroupedConvNet, lambda n, g: torch.randn(n, 4, 4, 4, generator=g, dtype=torch.float64)),
     "linear_3d_input": (Linear3D, lambda n, g: torch.randn(n, 3, 4, generator=g, dtype=torch.float64)),
     "linear_called_twice": (LinearTwice, lambda n, g: torch.randn(n, 4, generator=g, dtype=torch.float64)),
     "conv1d": (Conv1dNet, lambda n, g: torch.randn(n, 2, 8, generator=g, dtype=torch.float64)),
@@ -362,10 +373,10 @@ def test_tapped_layer_matches_brute_force_on_tap_route(case, estimator):
 class UntappableNet(nn.Module):
     def __init__(self):
         super().__init__()
-        self.conv = nn.Conv2d(4, 4, 3, groups=2)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")  # non-zero padding: no tap
         self.prelu = nn.PReLU(4)
         self.scale = nn.Parameter(torch.ones(4))
-        self.head = nn.Linear(4 * 3 * 3, 3)
+        self.head = nn.Linear(4 * 5 * 5, 3)
 
     def forward(self, x):  # [N, 4, 5, 5]
         h = self.prelu(self.conv(x)) * self.scale.view(1, -1, 1, 1)
