@@ -292,11 +292,11 @@ class EWCCallback(Callback):
     # ------------------------------------------------------------------------------------------------------------------
     def penalty(self, pl_module: nn.Module) -> Tensor:
         """(λ/2) (Σ_i F_i (θ_i − c_i)² + const): the EWC term for the module's current weights."""
-        params, importances, centres = self._aligned(pl_module)
+        params, roots, centres = self._aligned(pl_module)
         if not params:
             device = next(pl_module.parameters()).device if any(True for _ in pl_module.parameters()) else None
             return torch.zeros((), device=device)
-        quadratic = quadratic_penalty(importances, centres, params)
+        quadratic = quadratic_penalty(roots, centres, params)
         return (0.5 * self.ewc_lambda) * (quadratic + self.state.constant)
 
     def _aligned(self, pl_module: nn.Module) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
@@ -304,8 +304,8 @@ class EWCCallback(Callback):
         if self._penalty_cache is not None and self._penalty_cache[0] == key:
             return self._penalty_cache[1]
         named = dict(pl_module.named_parameters())
-        params, importances, centres = [], [], []
-        for name, f in self.state.importance.items():
+        params, roots, centres = [], [], []
+        for name, root in self.state.root_importance.items():
             if not self._selects(name):
                 continue
             if name not in named:
@@ -314,19 +314,19 @@ class EWCCallback(Callback):
                     f"keep the module's structure across tasks, or drop it from the penalty with exclude=[{name!r}]"
                 )
             p = named[name]
-            if p.shape != f.shape:
+            if p.shape != root.shape:
                 raise ValueError(
-                    f"parameter {name!r} has shape {tuple(p.shape)} but was consolidated with shape {tuple(f.shape)}; "
+                    f"parameter {name!r} has shape {tuple(p.shape)} but was consolidated with shape {tuple(root.shape)}; "
                     f"EWC cannot anchor a resized parameter. Give new classes a new parameter (e.g. a new head "
                     f"module), or leave it out with exclude=[{name!r}]"
                 )
-            self.state.importance[name] = f.to(device=p.device, dtype=p.dtype)
+            self.state.root_importance[name] = root.to(device=p.device, dtype=p.dtype)
             self.state.centre[name] = self.state.centre[name].to(device=p.device, dtype=p.dtype)
             params.append(p)
-            importances.append(self.state.importance[name])
+            roots.append(self.state.root_importance[name])
             centres.append(self.state.centre[name])
-        self._penalty_cache = (key, (params, importances, centres))
-        return params, importances, centres
+        self._penalty_cache = (key, (params, roots, centres))
+        return params, roots, centres
 
 
 def _rank(trainer) -> int:

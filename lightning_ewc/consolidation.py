@@ -51,12 +51,16 @@ def merge_online(importance: Tensor, new_importance: Tensor, new_anchor: Tensor,
 class ConsolidatedState:
     """Importance and centre per parameter name, the constant, and how many tasks were consolidated.
 
+    The importance is held as its square root √F: the penalty is then ‖√F ⊙ (θ − c)‖² and its gradient
+    2 √F ⊙ (√F ⊙ (θ − c)), which takes one temporary per step instead of two (parameter-sized temporaries are fresh
+    pages on CPU, and page faults dominated the penalty's cost). ``importance`` gives F itself.
+
     Parameters first consolidated at task k (e.g. a new head) simply enter with no earlier springs.
     """
 
     mode: str = "separate"
     gamma: float = 1.0
-    importance: dict[str, Tensor] = field(default_factory=dict)
+    root_importance: dict[str, Tensor] = field(default_factory=dict)
     centre: dict[str, Tensor] = field(default_factory=dict)
     constant: float = 0.0
     num_tasks: int = 0
@@ -64,42 +68,43 @@ class ConsolidatedState:
     def __post_init__(self) -> None:
         check_mode(self.mode, self.gamma)
 
+    @property
+    def importance(self) -> dict[str, Tensor]:
+        """F per parameter name (computed from the stored √F)."""
+        return {name: root.square() for name, root in self.root_importance.items()}
+
     def consolidate(self, importance: dict[str, Tensor], anchor: dict[str, Tensor]) -> None:
         """Adds one task: its importance and its weights at the end of the task (same keys)."""
         for name, f_new in importance.items():
             theta = anchor[name].detach()
             f_new = f_new.detach().to(device=theta.device, dtype=theta.dtype)
-            if name in self.importance and self.importance[name].shape != theta.shape:
+            if name in self.root_importance and self.root_importance[name].shape != theta.shape:
                 raise ValueError(
                     f"parameter {name!r} has shape {tuple(theta.shape)} but was consolidated with shape "
-                    f"{tuple(self.importance[name].shape)}; EWC cannot anchor a resized parameter. Give new classes a "
-                    f"new parameter (e.g. a new head module), or leave it out with exclude=[{name!r}]"
+                    f"{tuple(self.root_importance[name].shape)}; EWC cannot anchor a resized parameter. Give new classes "
+                    f"a new parameter (e.g. a new head module), or leave it out with exclude=[{name!r}]"
                 )
-            if name not in self.importance:
-                self.importance[name], self.centre[name] = f_new.clone(), theta.clone()
+            if name not in self.root_importance:
+                self.root_importance[name], self.centre[name] = f_new.sqrt(), theta.clone()
                 continue
-            f_old = self.importance[name].to(theta.device)
+            f_old = self.root_importance[name].to(theta.device).square()
             c_old = self.centre[name].to(theta.device)
             if self.mode == "separate":
-                self.importance[name], self.centre[name], added = merge_separate(f_old, c_old, f_new, theta)
+                total, self.centre[name], added = merge_separate(f_old, c_old, f_new, theta)
                 self.constant += added
             else:
-                self.importance[name], self.centre[name] = merge_online(f_old, f_new, theta, self.gamma)
+                total, self.centre[name] = merge_online(f_old, f_new, theta, self.gamma)
+            self.root_importance[name] = total.sqrt()
         self.num_tasks += 1
 
-    def to_(self, device: torch.device) -> None:
-        for d in (self.importance, self.centre):
-            for name in d:
-                d[name] = d[name].to(device)
-
     def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in (self.importance, self.centre) for t in d.values())
+        return sum(t.numel() * t.element_size() for d in (self.root_importance, self.centre) for t in d.values())
 
     def state_dict(self) -> dict:
         return {
             "mode": self.mode,
             "gamma": self.gamma,
-            "importance": dict(self.importance),
+            "importance": self.importance,  # F itself in checkpoints: what users and other tools expect to read
             "centre": dict(self.centre),
             "constant": self.constant,
             "num_tasks": self.num_tasks,
@@ -110,7 +115,7 @@ class ConsolidatedState:
         return cls(
             mode=state["mode"],
             gamma=state["gamma"],
-            importance=dict(state["importance"]),
+            root_importance={name: f.sqrt() for name, f in state["importance"].items()},
             centre=dict(state["centre"]),
             constant=float(state["constant"]),
             num_tasks=int(state["num_tasks"]),
@@ -125,29 +130,28 @@ def check_mode(mode: str, gamma: float) -> None:
 
 
 class _FusedQuadratic(torch.autograd.Function):
-    """Σ_i F_i (θ_i − c_i)² over a list of tensors in a few fused ``torch._foreach_*`` kernels.
+    """Σ_i F_i (θ_i − c_i)² = ‖√F ⊙ (θ − c)‖² over a list of tensors in a few fused ``torch._foreach_*`` kernels.
 
-    Written by hand because autograd through the foreach ops would save every intermediate; here only F·(θ − c) is
-    kept, and the backward is one fused multiply.
+    Written by hand because autograd through the foreach ops would keep every intermediate; here one temporary
+    e = √F ⊙ (θ − c) serves the value and the gradient 2 √F ⊙ e.
     """
 
     @staticmethod
-    def forward(ctx, importances: Sequence[Tensor], centres: Sequence[Tensor], *params: Tensor) -> Tensor:
-        diffs = torch._foreach_sub(params, centres)
-        weighted = torch._foreach_mul(diffs, importances)
-        torch._foreach_mul_(diffs, weighted)  # F (θ − c)², non-negative, so its L1 norm is its sum
-        total = torch.stack(torch._foreach_norm(diffs, 1)).sum()
-        ctx.weighted = weighted
-        return total
+    def forward(ctx, roots: Sequence[Tensor], centres: Sequence[Tensor], *params: Tensor) -> Tensor:
+        scaled = torch._foreach_sub(params, centres)
+        torch._foreach_mul_(scaled, roots)
+        ctx.scaled, ctx.roots = scaled, roots
+        return torch.stack(torch._foreach_norm(scaled, 2)).square().sum()
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        grads = torch._foreach_mul(ctx.weighted, 2 * grad_output)
+        grads = torch._foreach_mul(ctx.scaled, ctx.roots)
+        torch._foreach_mul_(grads, 2 * grad_output)
         return (None, None, *grads)
 
 
-def quadratic_penalty(importances: Sequence[Tensor], centres: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
-    """Σ_i F_i (θ_i − c_i)² as a differentiable scalar (float32)."""
+def quadratic_penalty(roots: Sequence[Tensor], centres: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
+    """Σ_i F_i (θ_i − c_i)² as a differentiable scalar, given √F (``roots``) and the centres."""
     if not params:
         return torch.zeros(())
-    return _FusedQuadratic.apply(importances, centres, *params)
+    return _FusedQuadratic.apply(roots, centres, *params)

@@ -33,7 +33,7 @@ def per_task_penalty(tasks, theta):
 def state_penalty(state, theta):
     names = list(state.importance)
     params = [theta[n] for n in names]
-    value = quadratic_penalty([state.importance[n] for n in names], [state.centre[n] for n in names], params)
+    value = quadratic_penalty([state.root_importance[n] for n in names], [state.centre[n] for n in names], params)
     return value + state.constant
 
 
