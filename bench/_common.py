@@ -1,0 +1,97 @@
+"""Shared pieces of the bench scripts: models, real MNIST batches, timing, and the report line format."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from lightning_ewc.app.models import CNN, MLP
+from lightning_ewc.data.idx import load_idx_dataset
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="small sizes and few repeats: a smoke run, not figures")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--repeats", type=int, default=None, help="timing repeats (median reported)")
+    return p
+
+
+def machine(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def mlp(classes: int = 10) -> nn.Module:
+    """The MLP 784-400-400-10 of the targets."""
+    backbone = MLP((1, 28, 28), hidden=(400, 400))
+    return nn.Sequential(backbone, nn.Linear(backbone.out_features, classes))
+
+
+def cnn(classes: int = 10) -> nn.Module:
+    """The app's small CNN (conv32-conv64 with BatchNorm, 256 hidden) with a 10-way head."""
+    backbone = CNN((1, 28, 28))
+    return nn.Sequential(backbone, nn.Linear(backbone.out_features, classes))
+
+
+MODELS = {"mlp": mlp, "cnn": cnn}
+
+
+def mnist_batches(n: int, batch_size: int, device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    images, labels = load_idx_dataset("MNIST", train=True)
+    x = images[:n].float().div_(255).unsqueeze(1).to(device)
+    y = labels[:n].to(device)
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, n, batch_size)]
+
+
+def timed(fn: Callable[[], object], repeats: int, device: str) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs (after one warm-up run)."""
+    fn()
+    return statistics.median(_once(fn, device) for _ in range(repeats))
+
+
+def timed_interleaved(fns: dict[str, Callable[[], object]], repeats: int, device: str) -> dict[str, float]:
+    """Median wall time of each function, run in turn ``repeats`` times so that machine noise hits all alike."""
+    for fn in fns.values():  # warm-up
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(_once(fn, device))
+    return {name: statistics.median(ts) for name, ts in samples.items()}
+
+
+def _once(fn: Callable[[], object], device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+class Report:
+    """One line per figure, the ratio last; remembers missed targets for the exit code."""
+
+    def __init__(self) -> None:
+        self.missed: list[str] = []
+
+    def line(self, label: str, detail: str, ratio: float, target: str, ok: bool) -> None:
+        mark = "ok" if ok else "MISSED"
+        print(f"{label:<44} {detail:<44} target {target:<10} {mark:<6} ratio {ratio:.3f}", flush=True)
+        if not ok:
+            self.missed.append(label)
+
+    def exit(self) -> None:
+        if self.missed:
+            print(f"missed: {', '.join(self.missed)}", file=sys.stderr)
+            sys.exit(1)
