@@ -13,17 +13,19 @@ from lightning_ewc import EWCMixin
 from lightning_ewc.data.idx import load_idx_dataset
 
 
+# A quiet single-process CPU Trainer: the settings every test starts from (either Lightning namespace).
+QUIET_TRAINER = dict(
+    accelerator="cpu",
+    devices=1,
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+)
+
+
 def make_trainer(**kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    defaults.update(kwargs)
-    return L.Trainer(**defaults)
+    return L.Trainer(**{**QUIET_TRAINER, **kwargs})
 
 
 class TaskNet(EWCMixin, L.LightningModule):

@@ -7,21 +7,14 @@ import lightning.pytorch
 import pytest
 import pytorch_lightning
 import torch
-from helpers import TaskNet, loader, make_trainer, split_mnist_task
+from helpers import QUIET_TRAINER, TaskNet, loader, make_trainer, split_mnist_task
 from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_ewc import EWCCallback, EWCMixin, estimate_fisher
 
 HIDDEN = 24
-QUIET = dict(
-    accelerator="cpu",
-    devices=1,
-    logger=False,
-    enable_checkpointing=False,
-    enable_progress_bar=False,
-    enable_model_summary=False,
-)
+QUIET = QUIET_TRAINER
 
 
 # ----------------------------------------------------------------------------------------------------------------------
