@@ -2,7 +2,6 @@
 
 import copy
 
-import pytest
 import torch
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn

@@ -12,7 +12,6 @@ samples, λ = 1e3), average test accuracy over the 5 tasks after the last one:
 so the mean margin over seeds 0-2 is 7.2 points; the test asserts 3 (less than half) and EWC >= 96.
 """
 
-import pytest
 import torch
 
 from helpers import TaskNet, loader, make_trainer, split_mnist_task, task_accuracy

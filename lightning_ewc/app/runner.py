@@ -26,7 +26,6 @@ from lightning_ewc.app.metrics import format_matrix, summarize
 from lightning_ewc.app.methods import METHODS
 from lightning_ewc.app.models import ContinualClassifier, resolve_heads
 from lightning_ewc.app.streams import SCENARIOS, TaskStream
-from lightning_ewc.callback import EWCCallback
 
 CHECKPOINTS = "checkpoints"
 RESULTS = "results.json"
