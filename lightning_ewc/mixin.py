@@ -81,8 +81,11 @@ class EWCMixin:
     def _ewc_add_to(self, output: Any) -> Any:
         if output is None or not self.automatic_optimization:
             return output
-        penalty = self.ewc_penalty()
-        if self._ewc_callback() is not None and self.trainer.training:  # not when called by hand outside a fit
+        callback = self._ewc_callback()
+        if callback is None:
+            return output
+        penalty = callback.penalty(self)
+        if self.trainer.training:  # not when training_step is called by hand outside a fit
             self.log("ewc/penalty", penalty.detach(), on_step=True, on_epoch=False)
         if isinstance(output, Tensor):
             return output + penalty
