@@ -133,19 +133,26 @@ class _FusedQuadratic(torch.autograd.Function):
     """Σ_i F_i (θ_i − c_i)² = ‖√F ⊙ (θ − c)‖² over a list of tensors in a few fused ``torch._foreach_*`` kernels.
 
     Written by hand because autograd through the foreach ops would keep every intermediate; here one temporary
-    e = √F ⊙ (θ − c) serves the value and the gradient 2 √F ⊙ e.
+    e = √F ⊙ (θ − c) serves the value and then becomes the gradient 2 √F ⊙ e in place (a fresh parameter-sized
+    tensor costs page faults on CPU, so the backward allocates none).
     """
 
     @staticmethod
     def forward(ctx, roots: Sequence[Tensor], centres: Sequence[Tensor], *params: Tensor) -> Tensor:
         scaled = torch._foreach_sub(params, centres)
         torch._foreach_mul_(scaled, roots)
-        ctx.scaled, ctx.roots = scaled, roots
+        ctx.scaled, ctx.roots, ctx.centres = scaled, roots, centres
+        ctx.save_for_backward(*params)
         return torch.stack(torch._foreach_norm(scaled, 2)).square().sum()
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        grads = torch._foreach_mul(ctx.scaled, ctx.roots)
+        params = ctx.saved_tensors  # unpacking checks that no parameter changed in place since the forward
+        grads, ctx.scaled = ctx.scaled, None
+        if grads is None:  # a second backward through a retained graph: e was used up by the first
+            grads = torch._foreach_sub(params, ctx.centres)
+            torch._foreach_mul_(grads, ctx.roots)
+        torch._foreach_mul_(grads, ctx.roots)
         torch._foreach_mul_(grads, 2 * grad_output)
         return (None, None, *grads)
 

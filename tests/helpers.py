@@ -21,6 +21,7 @@ QUIET_TRAINER = dict(
     enable_checkpointing=False,
     enable_progress_bar=False,
     enable_model_summary=False,
+    log_every_n_steps=1,  # tests read ewc/penalty after every step; the mixin logs at Lightning's cadence
 )
 
 
@@ -95,6 +96,8 @@ def wandb_history(run_file) -> list[dict]:
 
     Written here because wandb 0.31 ships no Python reader: the file is a 7-byte header (":W&B", magic, version)
     followed by LevelDB-log records (crc32c, little-endian length, type) in 32 KiB blocks, each a protobuf Record.
+    The writer is a separate process that may still be flushing after ``finish()``: a record not yet written whole
+    ends the history (callers poll, see ``wait_for_wandb_history``).
     """
     import json
     import struct
@@ -110,6 +113,8 @@ def wandb_history(run_file) -> list[dict]:
             pos += left
             continue
         length, kind = struct.unpack("<HB", raw[pos + 4 : pos + 7])
+        if pos + 7 + length > len(raw):  # W&B's writer has not flushed this record yet
+            break
         pending += raw[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST fragment: a whole record
@@ -119,3 +124,15 @@ def wandb_history(run_file) -> list[dict]:
             if record.WhichOneof("record_type") == "history":
                 rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
     return rows
+
+
+def wait_for_wandb_history(run_file, complete, timeout: float = 30.0) -> list[dict]:
+    """``wandb_history`` once ``complete(rows)`` holds, polling while W&B's writer process flushes the file."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = wandb_history(run_file)
+        if complete(rows) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.2)

@@ -71,6 +71,30 @@ def test_penalty_is_added_to_the_loss_lightning_backpropagates_and_logged(task_d
     assert spy.logged == pytest.approx(spy.expected[-1][1], rel=1e-5)
 
 
+def test_penalty_is_logged_at_the_trainers_logging_steps_only(task_data, tmp_path):
+    """Logged where Lightning writes step metrics (every log_every_n_steps), with that step's value; every step's
+    loss still carries the penalty."""
+    torch.manual_seed(0)
+    net, callback = TaskNet(hidden=32), EWCCallback(ewc_lambda=100.0)
+    fit_task(net, callback, task_data, 0)
+    penalties = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            penalties.append(float(callback.penalty(pl_module)))
+
+    net.task = 1
+    csv = L.loggers.CSVLogger(tmp_path, name="log")
+    trainer = make_trainer(max_steps=7, log_every_n_steps=3, logger=csv, callbacks=[callback, Record()])
+    trainer.fit(net, loader(task_data[1], 32, shuffle=False))
+    rows = [line.split(",") for line in (tmp_path / "log" / "version_0" / "metrics.csv").read_text().splitlines()]
+    column, step = rows[0].index("ewc/penalty"), rows[0].index("step")
+    logged = {int(r[step]): float(r[column]) for r in rows[1:] if r[column]}
+    assert sorted(logged) == [2, 5]
+    for k, value in logged.items():
+        assert value == pytest.approx(penalties[k], rel=1e-5) and value > 0
+
+
 def test_penalty_grows_as_weights_leave_the_anchor(task_data):
     torch.manual_seed(0)
     net, callback = TaskNet(hidden=32), EWCCallback(ewc_lambda=100.0)

@@ -62,6 +62,32 @@ def test_separate_equals_sum_of_per_task_springs_value_and_gradient(num_tasks):
             torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-6)
 
 
+def test_penalty_gradient_through_a_retained_graph_twice_and_after_a_weight_change():
+    """The backward reuses the forward's temporary in place; a second backward must still be right, and a weight
+    changed in place between forward and backward must be an error, as with any autograd op."""
+    tasks = random_tasks(SHAPES, 2)
+    state = ConsolidatedState(mode="separate")
+    for importance, anchor in tasks:
+        state.consolidate(importance, anchor)
+    theta = {n: torch.randn(s, generator=torch.Generator().manual_seed(7), requires_grad=True) for n, s in SHAPES.items()}
+    theta64 = {n: t.detach().double().requires_grad_() for n, t in theta.items()}
+    want = torch.autograd.grad(per_task_penalty(tasks, theta64), list(theta64.values()))
+
+    value = state_penalty(state, theta)
+    first = torch.autograd.grad(value, list(theta.values()), retain_graph=True)
+    first = [g.clone() for g in first]
+    second = torch.autograd.grad(value, list(theta.values()))
+    for a, b, w in zip(first, second, want):
+        torch.testing.assert_close(a.double(), w, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b.double(), w, rtol=1e-5, atol=1e-6)
+
+    value = state_penalty(state, theta)
+    with torch.no_grad():
+        theta["w"].add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        value.backward()
+
+
 def test_separate_penalty_at_the_minimum_is_the_constant():
     """At the weighted centre the quadratic part vanishes and only the springs' tension (the constant) remains."""
     tasks = random_tasks(SHAPES, 3, zero_fraction=0.0)
