@@ -1,0 +1,193 @@
+"""Results across many runs: one row per (benchmark, method variant, λ), mean ± std over seeds, and the pictures.
+
+``python -m lightning_ewc.app.report RUNS_DIR [--out DIR]`` reads every ``results.json`` under RUNS_DIR (any mix
+of sweeps), prints the table as markdown and writes ``runs.csv`` (one line per run), ``table.md``, the bar chart
+``results_bars.png`` (best λ per variant) and, per benchmark, the heatmap of the seed-mean accuracy matrix of the
+main variants (``heatmap_<stream>_<scenario>_<variant>.png``; ``--heatmaps`` picks them). ``sweep.py`` tables one multirun; this tables them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from lightning_ewc.app.plots import _new_figure, _save, plot_accuracy_matrix
+from lightning_ewc.app.sweep import collect_runs
+
+__all__ = ["best_rows", "benchmark_of", "group_runs", "run_row", "variant_of"]
+
+RUN_COLUMNS = ("benchmark", "variant", "ewc_lambda", "seed", "avg_acc", "bwt", "forgetting", "tasks_done", "wall_s")
+
+
+def benchmark_of(config: dict) -> str:
+    """A short name for what was trained: stream, scenario, tasks and schedule (``split_mnist/task/2000it``)."""
+    stream = config["stream"]
+    name = str(stream["_target_"]).rsplit(".", 1)[-1]
+    train = config["train"]
+    schedule = f"{train['steps_per_task']}it" if train.get("steps_per_task") else f"{train['epochs_per_task']}ep"
+    return f"{name}/{stream['scenario']}/{schedule}"
+
+
+def variant_of(config: dict) -> str:
+    """The method as a table row names it: ``ewc (exact)``, ``ewc (exact, 500)``, ``online_ewc (exact)``, ``si``,
+    ``finetune + kept optimizer`` (``train.keep_optimizer_state=true``)."""
+    method = config["method"]
+    callback = method.get("callback") or {}
+    name = str(method["name"])
+    if callback.get("importance") == "fisher":
+        detail = str(callback.get("fisher", "exact"))
+        if callback.get("num_samples"):
+            detail += f", {callback['num_samples']}"
+        name += f" ({detail})"
+    if config["train"].get("keep_optimizer_state"):
+        name += " + kept optimizer"
+    return name
+
+
+def run_row(run: dict) -> dict[str, Any]:
+    """One flat row of :data:`RUN_COLUMNS` for a run's results.json."""
+    config = run["config"]
+    callback = config["method"].get("callback") or {}
+    return {
+        "benchmark": benchmark_of(config),
+        "variant": variant_of(config),
+        "ewc_lambda": callback.get("ewc_lambda"),
+        "seed": config["seed"],
+        "avg_acc": run["avg_acc"],
+        "bwt": run.get("bwt"),
+        "forgetting": run.get("forgetting"),
+        "tasks_done": run.get("tasks_done"),
+        "wall_s": sum(run.get("task_times") or []),
+        "acc_matrix": run["acc_matrix"],
+    }
+
+
+def group_runs(rows: list[dict]) -> list[dict]:
+    """Rows of one (benchmark, variant, λ) merged: mean and std of the metrics over seeds, and the mean R.
+
+    Only finished runs count (all tasks done), so that a sweep still in progress does not lower a mean.
+    """
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        if row["tasks_done"] == len(row["acc_matrix"][0]):
+            groups[(row["benchmark"], row["variant"], row["ewc_lambda"])].append(row)
+    merged = []
+    for (benchmark, variant, ewc_lambda), members in sorted(groups.items(), key=lambda kv: _sort_key(kv[0])):
+        accs = [m["avg_acc"] for m in members]
+        matrices = [m["acc_matrix"] for m in members]
+        mean_R = [[statistics.fmean(col) for col in zip(*cells)] for cells in zip(*matrices)]
+        merged.append(
+            {
+                "benchmark": benchmark,
+                "variant": variant,
+                "ewc_lambda": ewc_lambda,
+                "seeds": sorted(m["seed"] for m in members),
+                "mean": statistics.fmean(accs),
+                "std": statistics.stdev(accs) if len(accs) > 1 else None,
+                "bwt": statistics.fmean(m["bwt"] for m in members if m["bwt"] is not None) if members else None,
+                "mean_R": mean_R,
+            }
+        )
+    return merged
+
+
+def _sort_key(key: tuple) -> tuple:
+    benchmark, variant, ewc_lambda = key
+    return (benchmark, variant, -1.0 if ewc_lambda is None else float(ewc_lambda))
+
+
+def best_rows(groups: list[dict], min_seeds: int = 1) -> list[dict]:
+    """Per (benchmark, variant), the λ with the highest mean accuracy among groups with at least ``min_seeds``."""
+    best: dict[tuple, dict] = {}
+    for group in groups:
+        if len(group["seeds"]) < min_seeds:
+            continue
+        key = (group["benchmark"], group["variant"])
+        if key not in best or group["mean"] > best[key]["mean"]:
+            best[key] = group
+    return [best[k] for k in sorted(best)]
+
+
+def _pct(mean: float, std: float | None) -> str:
+    return f"{100 * mean:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
+
+
+def markdown_table(groups: list[dict]) -> str:
+    lines = ["| benchmark | variant | λ | seeds | average accuracy (%) | BWT (%) |", "| --- | --- | --- | --- | --- | --- |"]
+    for g in groups:
+        lam = "—" if g["ewc_lambda"] is None else f"{float(g['ewc_lambda']):g}"
+        bwt = "—" if g["bwt"] is None else f"{100 * g['bwt']:.2f}"
+        seeds = ",".join(str(s) for s in g["seeds"])
+        lines.append(f"| {g['benchmark']} | {g['variant']} | {lam} | {seeds} | {_pct(g['mean'], g['std'])} | {bwt} |")
+    return "\n".join(lines)
+
+
+def plot_bars(best: list[dict], path: str | Path) -> Path:
+    """One panel per benchmark, one bar per variant (its best λ): mean average accuracy with the std as error bar."""
+    benchmarks = sorted({g["benchmark"] for g in best})
+    figure = _new_figure(width=4.2 * len(benchmarks), height=4.2)
+    for k, benchmark in enumerate(benchmarks):
+        axes = figure.add_subplot(1, len(benchmarks), k + 1)
+        rows = [g for g in best if g["benchmark"] == benchmark]
+        heights = [100 * g["mean"] for g in rows]
+        errors = [0.0 if g["std"] is None else 100 * g["std"] for g in rows]
+        axes.barh(range(len(rows)), heights, xerr=errors, color="tab:blue")
+        axes.set_yticks(range(len(rows)), [g["variant"] for g in rows], fontsize=8)
+        axes.invert_yaxis()
+        low = min(heights) if heights else 0.0
+        axes.set_xlim(max(0.0, low - 10.0), 100.0)
+        axes.set_xlabel("average accuracy after the last task (%)")
+        axes.set_title(benchmark, fontsize=9)
+    return _save(figure, path)
+
+
+MAIN_VARIANTS = ("finetune", "ewc (exact)", "joint")
+
+
+def write_report(
+    runs_dir: str | Path, out: str | Path, min_seeds: int = 1, heatmaps: tuple[str, ...] = MAIN_VARIANTS
+) -> list[dict]:
+    """Write runs.csv, table.md, the bar chart and the heatmaps of the ``heatmaps`` variants under ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [run_row(run) for run in collect_runs(runs_dir) if "config" in run and run.get("acc_matrix")]
+    with open(out / "runs.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=RUN_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(sorted(rows, key=lambda r: (r["benchmark"], r["variant"], float(r["ewc_lambda"] or 0),
+                                                     r["seed"])))
+    groups = group_runs(rows)
+    best = best_rows(groups, min_seeds)
+    (out / "table.md").write_text(
+        "## Best λ per variant\n\n" + markdown_table(best) + "\n\n## Every λ\n\n" + markdown_table(groups) + "\n"
+    )
+    if best:
+        plot_bars(best, out / "results_bars.png")
+    for g in (g for g in best if g["variant"] in heatmaps):
+        slug = "_".join(part for part in (g["benchmark"].split("/")[:2]) + [_slug(g["variant"])])
+        plot_accuracy_matrix(g["mean_R"], out / f"heatmap_{slug}.png",
+                             title=f"{g['benchmark']}: {g['variant']} (mean of {len(g['seeds'])})")
+    return best
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-").replace("--", "-")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs_dir", help="folder holding the runs (searched recursively for results.json)")
+    parser.add_argument("--out", default="report", help="where to write runs.csv, table.md and the PNGs")
+    parser.add_argument("--min-seeds", type=int, default=1, help="ignore (variant, λ) groups with fewer seeds")
+    parser.add_argument("--heatmaps", default=",".join(MAIN_VARIANTS), help="variants to draw heatmaps of, comma-separated")
+    args = parser.parse_args(argv)
+    best = write_report(args.runs_dir, args.out, args.min_seeds, tuple(v.strip() for v in args.heatmaps.split(",")))
+    print(markdown_table(best))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""The cross-run report: names of benchmarks and variants, mean ± std over seeds, best λ, runs.csv and pictures."""
+
+import csv
+import json
+import statistics
+
+import pytest
+from omegaconf import OmegaConf
+
+from lightning_ewc.app.report import benchmark_of, main, variant_of, write_report
+from lightning_ewc.app.runner import run
+from test_app import QUICK, compose_app
+
+
+def plain(*overrides):
+    return OmegaConf.to_container(compose_app(*overrides), resolve=False)
+
+
+def test_benchmark_and_variant_names_follow_the_config():
+    task_il = plain("experiment=split_mnist_task_il", "method.callback.num_samples=500")
+    assert benchmark_of(task_il) == "split_mnist/task/2000it"
+    assert variant_of(task_il) == "ewc (exact, 500)"
+    assert variant_of(plain("method=ewc", "method.callback.fisher=batched")) == "ewc (batched)"
+    assert variant_of(plain("method=online_ewc")) == "online_ewc (exact)"
+    assert variant_of(plain("method=si")) == "si" and variant_of(plain("method=joint")) == "joint"
+    assert variant_of(plain("method=finetune", "train.keep_optimizer_state=true")) == "finetune + kept optimizer"
+    hsu = plain("experiment=split_mnist_hsu", "method=finetune")
+    assert benchmark_of(hsu) == "split_mnist/task/4ep" and variant_of(hsu) == "finetune"
+
+
+def test_report_averages_seeds_picks_the_best_lambda_and_draws(tmp_path):
+    runs = tmp_path / "runs"
+    results = {}
+    for lam in (1.0, 1e4):
+        for seed in (0, 1):
+            out = runs / f"lam{lam:g}_seed{seed}"
+            results[(lam, seed)] = run(compose_app(*QUICK, "stream.num_tasks=3", f"seed={seed}",
+                                                   f"method.callback.ewc_lambda={lam}", f"output_dir={out}"))
+    (runs / "broken").mkdir()
+    (runs / "broken" / "results.json").write_text("{not json")  # a job that died mid-write is skipped
+
+    report = tmp_path / "report"
+    with pytest.warns(UserWarning, match="skipping unreadable"):
+        best = write_report(runs, report, heatmaps=("ewc (exact)",))
+
+    with open(report / "runs.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 4 and {r["benchmark"] for r in rows} == {"digits/task/6it"}
+    means = {lam: statistics.fmean(results[(lam, s)]["avg_acc"] for s in (0, 1)) for lam in (1.0, 1e4)}
+    (chosen,) = best
+    want = max(means, key=means.get)
+    assert chosen["ewc_lambda"] == want and chosen["seeds"] == [0, 1]
+    assert chosen["mean"] == pytest.approx(means[want])
+    assert chosen["std"] == pytest.approx(statistics.stdev(results[(want, s)]["avg_acc"] for s in (0, 1)))
+    first = [results[(want, s)]["acc_matrix"][2][0] for s in (0, 1)]
+    assert chosen["mean_R"][2][0] == pytest.approx(statistics.fmean(first))
+
+    table = (report / "table.md").read_text()
+    assert f"{100 * means[want]:.2f} ± " in table and table.count("| digits/task/6it | ewc (exact) |") == 3
+    assert (report / "results_bars.png").stat().st_size > 1000
+    assert (report / "heatmap_digits_task_ewc-exact.png").stat().st_size > 1000
+
+
+def test_report_command_prints_the_best_rows(tmp_path, capsys):
+    out = tmp_path / "runs" / "one"
+    result = run(compose_app(*QUICK, "stream.num_tasks=2", "method=finetune", f"output_dir={out}"))
+    main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")])
+    printed = capsys.readouterr().out
+    assert f"| digits/task/6it | finetune | — | 0 | {100 * result['avg_acc']:.2f} |" in printed
+    assert json.loads((out / "results.json").read_text())["avg_acc"] == result["avg_acc"]
