@@ -6,13 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as L
 import pytest
 import torch
 from hydra import compose, initialize_config_module
 from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
 
-from helpers import make_trainer, wandb_history
+from helpers import make_trainer, wait_for_wandb_history
 from lightning_ewc.app.models import ContinualClassifier
 from lightning_ewc.app.runner import build_model, run
 from lightning_ewc.app.streams import digits
@@ -76,6 +77,12 @@ def test_experiments_reproduce_the_published_setups():
     assert (permuted.stream.scenario, permuted.stream.num_tasks) == ("domain", 10)
     assert (list(permuted.model.backbone.hidden), permuted.optimizer.lr) == ([1000, 1000], 1e-4)
     assert permuted.train.steps_per_task == 5000
+    for scenario in ("domain", "class"):
+        other = compose_app(f"experiment=split_mnist_{scenario}_il")
+        assert (other.stream.scenario, list(other.model.backbone.hidden)) == (scenario, [400, 400])
+        assert (other.train.steps_per_task, other.train.batch_size, other.optimizer.lr) == (2000, 128, 1e-3)
+    hsu = compose_app("experiment=split_mnist_hsu")
+    assert (hsu.stream.scenario, hsu.train.steps_per_task, hsu.train.epochs_per_task) == ("task", None, 4)
 
 
 def test_lambda_sweep_sweeps_decades():
@@ -110,6 +117,7 @@ def test_missing_dataset_says_where_it_looked(tmp_path):
         (["method=joint", "+method.callback={_target_: lightning_ewc.EWCCallback}"], "nothing to consolidate"),
         (["train.steps_per_task=null"], "exactly one of"),
         (["stream.scenario=sideways"], "unknown scenario"),
+        (["method=freeze", "train.keep_optimizer_state=true"], "other parameter groups"),
     ],
 )
 def test_impossible_combinations_are_refused_before_training(tmp_path, overrides, match):
@@ -170,6 +178,17 @@ def test_one_run_per_stream(stream, extra, num_tasks, tmp_path, mnist_dir):
     assert results["stream"] == stream
 
 
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_config_runs_on_a_subsample(experiment, tmp_path, mnist_dir):
+    """The smoke run of each published setup that CI keeps (the real runs are the sweeps in docs/results.md)."""
+    cfg = compose_app(f"experiment={experiment}")
+    schedule = ["train.epochs_per_task=1"] if cfg.train.steps_per_task is None else ["train.steps_per_task=3"]
+    results = run(compose_app(f"experiment={experiment}", *schedule, "stream.num_tasks=2", "stream.subsample=256",
+                              "stream.test_subsample=200", "logger=none", f"output_dir={tmp_path}"))
+    check_results(results, tmp_path, 2)
+    assert results["config"]["train"]["batch_size"] == 128
+
+
 @pytest.mark.parametrize("method", ["finetune", "freeze", "l2", "ewc", "online_ewc", "si", "mas", "joint"])
 def test_one_run_per_method(method, tmp_path):
     # 30 steps: enough for a trunk that `freeze` can keep and still learn new heads on
@@ -179,6 +198,42 @@ def test_one_run_per_method(method, tmp_path):
     # every method learns each task it has just trained on, well above chance (0.5); `freeze` and a strong `l2`
     # are the weakest at this: a trunk kept from task 0 limits the later tasks
     assert all(results["acc_matrix"][k][k] > 0.6 for k in range(3))
+
+
+class AdamSteps(L.Callback):
+    """Adam's step count and first moment of one weight when each task's training starts and ends (in ``seen``,
+    a class attribute: the runner builds this callback itself from ``extra_callbacks``)."""
+
+    seen: list[tuple[str, float, torch.Tensor | None]] = []
+
+    def _record(self, trainer, when: str) -> None:
+        optimizer = trainer.optimizers[0]
+        state = optimizer.state.get(optimizer.param_groups[0]["params"][0], {})
+        step = float(state["step"]) if "step" in state else 0.0
+        AdamSteps.seen.append((when, step, state["exp_avg"].clone() if "exp_avg" in state else None))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == 0:
+            self._record(trainer, "start")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._record(trainer, "end")
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_keep_optimizer_state_carries_adams_moments_across_tasks(keep, tmp_path):
+    AdamSteps.seen = []
+    run_app(tmp_path, "stream.num_tasks=3", "method=finetune", f"train.keep_optimizer_state={keep}",
+            "+extra_callbacks=[{_target_: test_app.AdamSteps}]")
+    starts = [s for s in AdamSteps.seen if s[0] == "start"]
+    ends = [s for s in AdamSteps.seen if s[0] == "end"]
+    assert [e[1] for e in ends] == ([6.0, 12.0, 18.0] if keep else [6.0, 6.0, 6.0])
+    for task in (1, 2):
+        if keep:  # the new task starts from exactly the state the last one ended with
+            assert starts[task][1] == ends[task - 1][1]
+            torch.testing.assert_close(starts[task][2], ends[task - 1][2])
+        else:
+            assert starts[task][1] == 0.0 and starts[task][2] is None
 
 
 def test_freeze_keeps_the_backbone_from_the_second_task_on():
@@ -234,7 +289,8 @@ def test_wandb_offline_history_holds_the_metrics(tmp_path, monkeypatch):
     results = run(compose_app("train.steps_per_task=6", "logger=wandb", "stream.num_tasks=2", f"output_dir={tmp_path}",
                               "logger.wandb.tags=[test]"))
     (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
-    rows = wandb_history(run_file)
+    rows = wait_for_wandb_history(run_file, lambda rows: any(k.startswith("task_curves") for r in rows for k in r))
+    # (the curves image is the last thing the runner logs)
     per_task = [r for r in rows if "acc/task0" in r]
     assert len(per_task) == 2  # one row of accuracies per task trained
     assert per_task[-1]["acc/task1"] == pytest.approx(results["acc_matrix"][-1][1])

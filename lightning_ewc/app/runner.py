@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_ewc.app.datamodule import TaskDataModule
 from lightning_ewc.app.metrics import format_matrix, summarize
-from lightning_ewc.app.methods import METHODS
+from lightning_ewc.app.methods import METHODS, CarryOptimizerState
 from lightning_ewc.app.models import ContinualClassifier, resolve_heads
 from lightning_ewc.app.streams import SCENARIOS, TaskStream
 
@@ -53,6 +53,11 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError("set exactly one of train.steps_per_task and train.epochs_per_task (the other to null)")
     if (steps or epochs or 0) <= 0:
         raise ValueError("train.steps_per_task / train.epochs_per_task must be a positive integer")
+    if cfg.train.get("keep_optimizer_state") and method.name == "freeze":
+        raise ValueError(
+            "train.keep_optimizer_state=true cannot carry the optimizer over to method=freeze's later tasks, whose "
+            "optimizer has other parameter groups (the frozen trunk is left out); set train.keep_optimizer_state=false"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -173,6 +178,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     persistent: list[L.Callback] = [build(cfg.method.callback)] if cfg.method.callback is not None else []
     persistent += [build(c) for c in cfg.get("extra_callbacks") or []]
+    if cfg.train.get("keep_optimizer_state"):
+        persistent.append(CarryOptimizerState())
     loggers = build_loggers(cfg)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
