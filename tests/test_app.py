@@ -83,6 +83,10 @@ def test_experiments_reproduce_the_published_setups():
         assert (other.train.steps_per_task, other.train.batch_size, other.optimizer.lr) == (2000, 128, 1e-3)
     hsu = compose_app("experiment=split_mnist_hsu")
     assert (hsu.stream.scenario, hsu.train.steps_per_task, hsu.train.epochs_per_task) == ("task", None, 4)
+    # van de Ven's code keeps one Adam for the whole stream; Hsu et al.'s resets it for every task
+    for name in ("split_mnist_task_il", "split_mnist_domain_il", "split_mnist_class_il", "permuted_mnist_10"):
+        assert compose_app(f"experiment={name}").train.keep_optimizer_state is True
+    assert hsu.train.keep_optimizer_state is False
 
 
 def test_lambda_sweep_sweeps_decades():
