@@ -19,7 +19,7 @@ def plain(*overrides):
 def test_benchmark_and_variant_names_follow_the_config():
     task_il = plain("experiment=split_mnist_task_il", "method.callback.num_samples=500")
     assert benchmark_of(task_il) == "split_mnist/task/2000it"
-    assert variant_of(task_il) == "ewc (exact, 500)"
+    assert variant_of(task_il) == "ewc (exact, 500) + kept optimizer"  # van de Ven keeps one Adam
     assert variant_of(plain("method=ewc", "method.callback.fisher=batched")) == "ewc (batched)"
     assert variant_of(plain("method=online_ewc")) == "online_ewc (exact)"
     assert variant_of(plain("method=si")) == "si" and variant_of(plain("method=joint")) == "joint"
