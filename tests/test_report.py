@@ -7,7 +7,16 @@ import statistics
 import pytest
 from omegaconf import OmegaConf
 
-from lightning_ewc.app.report import benchmark_of, main, variant_of, write_report
+from lightning_ewc.app.report import (
+    best_rows,
+    benchmark_of,
+    main,
+    markdown_table,
+    plot_bars,
+    read_published,
+    variant_of,
+    write_report,
+)
 from lightning_ewc.app.runner import run
 from test_app import QUICK, compose_app
 
@@ -68,3 +77,32 @@ def test_report_command_prints_the_best_rows(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"| digits/task/6it | finetune | — | 0 | {100 * result['avg_acc']:.2f} |" in printed
     assert json.loads((out / "results.json").read_text())["avg_acc"] == result["avg_acc"]
+
+
+def group(variant, lam, seeds, mean):
+    return {"benchmark": "b/task/1it", "variant": variant, "ewc_lambda": lam, "seeds": seeds, "mean": mean,
+            "std": 0.01 if len(seeds) > 1 else None, "bwt": -0.02, "mean_R": [[mean]]}
+
+
+def test_best_lambda_prefers_the_lambda_repeated_over_more_seeds():
+    # λ chosen on seed 0, then repeated: a lucky single seed at another λ must not displace the 3-seed mean
+    groups = [group("ewc", 1.0, [0], 0.99), group("ewc", 10.0, [0, 1, 2], 0.97), group("ewc", 100.0, [0], 0.95),
+              group("si", 1.0, [0], 0.90), group("si", 2.0, [0], 0.92)]
+    best = {g["variant"]: g for g in best_rows(groups)}
+    assert best["ewc"]["ewc_lambda"] == 10.0 and best["si"]["ewc_lambda"] == 2.0
+    assert [g["variant"] for g in best_rows(groups, min_seeds=3)] == ["ewc"]
+
+
+def test_published_values_join_the_table_and_the_chart(tmp_path):
+    csv_path = tmp_path / "published.csv"
+    csv_path.write_text("benchmark,variant,published,source\nb/task/1it,ewc,98.5,paper\nb/task/1it,si,,none\n")
+    published = read_published(csv_path)
+    assert published == {("b/task/1it", "ewc"): 98.5}
+    best = best_rows([group("ewc", 10.0, [0, 1, 2], 0.97), group("si", 2.0, [0], 0.92)])
+    table = markdown_table(best, published).splitlines()
+    assert table[0].endswith("| published (%) |") and table[2].endswith("| 98.5 |") and table[3].endswith("| — |")
+    assert plot_bars(best, tmp_path / "bars.png", published).stat().st_size > 1000
+
+    (tmp_path / "bad.csv").write_text("bench,variant,value\nb,ewc,1\n")
+    with pytest.raises(ValueError, match="needs the columns benchmark, variant, published; missing"):
+        read_published(tmp_path / "bad.csv")

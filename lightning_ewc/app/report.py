@@ -3,7 +3,9 @@
 ``python -m lightning_ewc.app.report RUNS_DIR [--out DIR]`` reads every ``results.json`` under RUNS_DIR (any mix
 of sweeps), prints the table as markdown and writes ``runs.csv`` (one line per run), ``table.md``, the bar chart
 ``results_bars.png`` (best λ per variant) and, per benchmark, the heatmap of the seed-mean accuracy matrix of the
-main variants (``heatmap_<stream>_<scenario>_<variant>.png``; ``--heatmaps`` picks them). ``sweep.py`` tables one multirun; this tables them all.
+main variants (``heatmap_<stream>_<scenario>_<variant>.png``; ``--heatmaps`` picks them). ``--published CSV`` puts
+the papers' values (columns ``benchmark,variant,published``) beside ours in the table and on the chart.
+``sweep.py`` tables one multirun; this tables them all.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 from lightning_ewc.app.plots import _new_figure, _save, plot_accuracy_matrix
 from lightning_ewc.app.sweep import collect_runs
 
-__all__ = ["best_rows", "benchmark_of", "group_runs", "run_row", "variant_of"]
+__all__ = ["best_rows", "benchmark_of", "group_runs", "read_published", "run_row", "variant_of"]
 
 RUN_COLUMNS = ("benchmark", "variant", "ewc_lambda", "seed", "avg_acc", "bwt", "forgetting", "tasks_done", "wall_s")
 
@@ -101,33 +103,58 @@ def _sort_key(key: tuple) -> tuple:
 
 
 def best_rows(groups: list[dict], min_seeds: int = 1) -> list[dict]:
-    """Per (benchmark, variant), the λ with the highest mean accuracy among groups with at least ``min_seeds``."""
+    """Per (benchmark, variant), the λ with the highest mean accuracy among the groups with the most seeds.
+
+    Preferring the most seeds follows how the sweeps are run: λ is chosen on one seed, then the chosen λ is repeated
+    with more seeds, and a lucky single seed at another λ must not displace that mean. Groups with fewer than
+    ``min_seeds`` seeds are ignored.
+    """
     best: dict[tuple, dict] = {}
     for group in groups:
         if len(group["seeds"]) < min_seeds:
             continue
         key = (group["benchmark"], group["variant"])
-        if key not in best or group["mean"] > best[key]["mean"]:
+        rank = (len(group["seeds"]), group["mean"])
+        if key not in best or rank > (len(best[key]["seeds"]), best[key]["mean"]):
             best[key] = group
     return [best[k] for k in sorted(best)]
+
+
+def read_published(path: str | Path) -> dict[tuple[str, str], float]:
+    """Published accuracies (%) from a CSV with columns ``benchmark,variant,published`` (more columns allowed)."""
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    missing = {"benchmark", "variant", "published"} - set(rows[0] if rows else {})
+    if missing:
+        raise ValueError(f"{path}: the published-results CSV needs the columns benchmark, variant, published; "
+                         f"missing {sorted(missing)}")
+    return {(r["benchmark"], r["variant"]): float(r["published"]) for r in rows if r["published"].strip()}
 
 
 def _pct(mean: float, std: float | None) -> str:
     return f"{100 * mean:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
 
 
-def markdown_table(groups: list[dict]) -> str:
-    lines = ["| benchmark | variant | λ | seeds | average accuracy (%) | BWT (%) |", "| --- | --- | --- | --- | --- | --- |"]
+def markdown_table(groups: list[dict], published: dict[tuple[str, str], float] | None = None) -> str:
+    head = "| benchmark | variant | λ | seeds | average accuracy (%) | BWT (%) |"
+    if published:
+        head += " published (%) |"
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for g in groups:
         lam = "—" if g["ewc_lambda"] is None else f"{float(g['ewc_lambda']):g}"
         bwt = "—" if g["bwt"] is None else f"{100 * g['bwt']:.2f}"
         seeds = ",".join(str(s) for s in g["seeds"])
-        lines.append(f"| {g['benchmark']} | {g['variant']} | {lam} | {seeds} | {_pct(g['mean'], g['std'])} | {bwt} |")
+        line = f"| {g['benchmark']} | {g['variant']} | {lam} | {seeds} | {_pct(g['mean'], g['std'])} | {bwt} |"
+        if published:
+            value = published.get((g["benchmark"], g["variant"]))
+            line += " — |" if value is None else f" {value:g} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
-def plot_bars(best: list[dict], path: str | Path) -> Path:
-    """One panel per benchmark, one bar per variant (its best λ): mean average accuracy with the std as error bar."""
+def plot_bars(best: list[dict], path: str | Path, published: dict[tuple[str, str], float] | None = None) -> Path:
+    """One panel per benchmark, one bar per variant (its best λ): mean average accuracy with the std as error bar,
+    and a black diamond at the published value where ``published`` has one."""
     benchmarks = sorted({g["benchmark"] for g in best})
     figure = _new_figure(width=4.2 * len(benchmarks), height=4.2)
     for k, benchmark in enumerate(benchmarks):
@@ -137,8 +164,14 @@ def plot_bars(best: list[dict], path: str | Path) -> Path:
         errors = [0.0 if g["std"] is None else 100 * g["std"] for g in rows]
         axes.barh(range(len(rows)), heights, xerr=errors, color="tab:blue")
         axes.set_yticks(range(len(rows)), [g["variant"] for g in rows], fontsize=8)
+        marks = [(i, (published or {}).get((benchmark, g["variant"]))) for i, g in enumerate(rows)]
+        marks = [(i, v) for i, v in marks if v is not None]
+        if marks:
+            axes.scatter([v for _, v in marks], [i for i, _ in marks], marker="D", color="black", zorder=3,
+                         label="published")
+            axes.legend(loc="lower left", fontsize=7)
         axes.invert_yaxis()
-        low = min(heights) if heights else 0.0
+        low = min(heights + [v for _, v in marks]) if heights else 0.0
         axes.set_xlim(max(0.0, low - 10.0), 100.0)
         axes.set_xlabel("average accuracy after the last task (%)")
         axes.set_title(benchmark, fontsize=9)
@@ -149,9 +182,14 @@ MAIN_VARIANTS = ("finetune", "ewc (exact)", "joint")
 
 
 def write_report(
-    runs_dir: str | Path, out: str | Path, min_seeds: int = 1, heatmaps: tuple[str, ...] = MAIN_VARIANTS
+    runs_dir: str | Path,
+    out: str | Path,
+    min_seeds: int = 1,
+    heatmaps: tuple[str, ...] = MAIN_VARIANTS,
+    published: dict[tuple[str, str], float] | None = None,
 ) -> list[dict]:
-    """Write runs.csv, table.md, the bar chart and the heatmaps of the ``heatmaps`` variants under ``out``."""
+    """Write runs.csv, table.md, the bar chart and the heatmaps of the ``heatmaps`` variants under ``out``;
+    ``published`` (see :func:`read_published`) adds the papers' values to the table and the chart."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [run_row(run) for run in collect_runs(runs_dir) if "config" in run and run.get("acc_matrix")]
@@ -163,10 +201,10 @@ def write_report(
     groups = group_runs(rows)
     best = best_rows(groups, min_seeds)
     (out / "table.md").write_text(
-        "## Best λ per variant\n\n" + markdown_table(best) + "\n\n## Every λ\n\n" + markdown_table(groups) + "\n"
+        "## Best λ per variant\n\n" + markdown_table(best, published) + "\n\n## Every λ\n\n" + markdown_table(groups) + "\n"
     )
     if best:
-        plot_bars(best, out / "results_bars.png")
+        plot_bars(best, out / "results_bars.png", published)
     for g in (g for g in best if g["variant"] in heatmaps):
         slug = "_".join(part for part in (g["benchmark"].split("/")[:2]) + [_slug(g["variant"])])
         plot_accuracy_matrix(g["mean_R"], out / f"heatmap_{slug}.png",
@@ -184,9 +222,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="report", help="where to write runs.csv, table.md and the PNGs")
     parser.add_argument("--min-seeds", type=int, default=1, help="ignore (variant, λ) groups with fewer seeds")
     parser.add_argument("--heatmaps", default=",".join(MAIN_VARIANTS), help="variants to draw heatmaps of, comma-separated")
+    parser.add_argument("--published", default=None,
+                        help="CSV with columns benchmark,variant,published (%%): the papers' values beside ours")
     args = parser.parse_args(argv)
-    best = write_report(args.runs_dir, args.out, args.min_seeds, tuple(v.strip() for v in args.heatmaps.split(",")))
-    print(markdown_table(best))
+    published = read_published(args.published) if args.published else None
+    heatmaps = tuple(v.strip() for v in args.heatmaps.split(","))
+    best = write_report(args.runs_dir, args.out, args.min_seeds, heatmaps, published)
+    print(markdown_table(best, published))
 
 
 if __name__ == "__main__":
