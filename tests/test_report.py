@@ -6,10 +6,11 @@ import statistics
 
 import pytest
 from omegaconf import OmegaConf
+from test_app import QUICK, compose_app
 
 from lightning_ewc.app.report import (
-    best_rows,
     benchmark_of,
+    best_rows,
     main,
     markdown_table,
     plot_bars,
@@ -18,7 +19,6 @@ from lightning_ewc.app.report import (
     write_report,
 )
 from lightning_ewc.app.runner import run
-from test_app import QUICK, compose_app
 
 
 def plain(*overrides):

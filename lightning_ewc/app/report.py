@@ -20,7 +20,7 @@ from typing import Any
 from lightning_ewc.app.plots import _new_figure, _save, plot_accuracy_matrix
 from lightning_ewc.app.sweep import collect_runs
 
-__all__ = ["best_rows", "benchmark_of", "group_runs", "read_published", "run_row", "variant_of"]
+__all__ = ["benchmark_of", "best_rows", "group_runs", "read_published", "run_row", "variant_of"]
 
 RUN_COLUMNS = ("benchmark", "variant", "ewc_lambda", "seed", "avg_acc", "bwt", "forgetting", "tasks_done", "wall_s")
 
