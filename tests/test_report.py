@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 from test_app import QUICK, compose_app
 
 from lightning_ewc.app.report import (
+    _slug,
     benchmark_of,
     best_rows,
     main,
@@ -91,6 +92,10 @@ def test_best_lambda_prefers_the_lambda_repeated_over_more_seeds():
     best = {g["variant"]: g for g in best_rows(groups)}
     assert best["ewc"]["ewc_lambda"] == 10.0 and best["si"]["ewc_lambda"] == 2.0
     assert [g["variant"] for g in best_rows(groups, min_seeds=3)] == ["ewc"]
+
+
+def test_heatmap_file_names_are_readable():
+    assert _slug("ewc (exact, 500) + kept optimizer") == "ewc-exact-500-kept-optimizer"
 
 
 def test_published_values_join_the_table_and_the_chart(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -213,7 +214,8 @@ def write_report(
 
 
 def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text).strip("-").replace("--", "-")
+    """``ewc (exact, 500) + kept optimizer`` → ``ewc-exact-500-kept-optimizer``."""
+    return re.sub(r"[^0-9A-Za-z]+", "-", text).strip("-")
 
 
 def main(argv: list[str] | None = None) -> None:
