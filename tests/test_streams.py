@@ -12,6 +12,7 @@ from torch import nn
 from lightning_ewc.app.datamodule import EpochSeededSampler, TaskDataModule
 from lightning_ewc.app.streams import (
     SCENARIOS,
+    class_order_of,
     digits,
     permuted_mnist,
     pixel_permutation,
@@ -109,6 +110,40 @@ def test_split_task_holds_exactly_its_two_classes(builder, dataset, mnist_dir):
             assert torch.equal(x, images[mine]) and torch.equal(y, labels[mine])
             y_within = (by_task.tasks[k].train if train else by_task.tasks[k].test).tensors[1]
             assert torch.equal(y_within, labels[mine] - 2 * k)
+
+
+def test_class_order_deals_out_the_given_pairs_with_positions_as_labels(mnist_dir):
+    order = [3, 8, 0, 5, 9, 1, 2, 7, 6, 4]
+    by_class = split_mnist(scenario="class", class_order=order)
+    by_domain = split_mnist(scenario="domain", class_order=order)
+    images, labels = original("MNIST", False)
+    for k in range(5):
+        first, second = order[2 * k], order[2 * k + 1]
+        mine = labels.eq(first) | labels.eq(second)
+        x, y, _ = by_class.tasks[k].test.tensors
+        assert torch.equal(x, images[mine])
+        # class scenario: the pair's labels are its positions 2k, 2k+1, so the classes seen so far are outputs 0..2k+1
+        assert torch.equal(y, torch.where(labels[mine] == first, 2 * k, 2 * k + 1))
+        assert by_class.tasks[k].classes == [2 * k, 2 * k + 1]
+        assert torch.equal(by_domain.tasks[k].test.tensors[1], torch.where(labels[mine] == first, 0, 1))
+
+
+def test_seeded_class_order_is_a_permutation_per_seed():
+    orders = {seed: class_order_of("seeded", seed) for seed in range(4)}
+    assert all(sorted(o) == list(range(10)) for o in orders.values())
+    assert len({tuple(o) for o in orders.values()}) == 4 and class_order_of("seeded", 2) == orders[2]
+    assert class_order_of(None) == list(range(10))
+    seeded, explicit = digits(class_order="seeded", seed=1), digits(class_order=orders[1], seed=1)
+    for a, b in zip(seeded.tasks, explicit.tasks):
+        assert torch.equal(a.train.tensors[0], b.train.tensors[0]) and torch.equal(a.test.tensors[1], b.test.tensors[1])
+    assert not torch.equal(seeded.tasks[0].train.tensors[0], digits(seed=1).tasks[0].train.tensors[0])
+
+
+@pytest.mark.parametrize("bad, message", [("shuffled", "not understood"), ([0, 1, 2], "exactly once"),
+                                          ([0] * 10, "exactly once")])
+def test_bad_class_order_is_refused_before_loading(bad, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        split_mnist(class_order=bad, data_dir=tmp_path)  # no data there: the order is checked first
 
 
 def test_split_num_tasks_truncates_and_is_bounded(mnist_dir):

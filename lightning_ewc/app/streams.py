@@ -31,7 +31,7 @@ from lightning_ewc.data import idx
 SCENARIOS = ("task", "domain", "class")
 
 # What a seeded draw is for, so that draws for different purposes never share a random stream.
-_TRAIN_SUBSET, _TEST_SUBSET, _PERMUTATION = 0, 1, 2
+_TRAIN_SUBSET, _TEST_SUBSET, _PERMUTATION, _CLASS_ORDER = 0, 1, 2, 3
 _ROTATION_CHUNK = 8192  # images rotated at once; bounds the sampling grid's memory (~50 MB at 28x28)
 Images = tuple[Tensor, Tensor]  # (images [N, H, W]: uint8 0..255 or float in [0, 1], labels int64 [N])
 
@@ -80,10 +80,11 @@ def split_mnist(
     subsample: int | None = None,
     test_subsample: int | None = None,
     seed: int = 0,
+    class_order: Sequence[int] | str | None = None,
 ) -> TaskStream:
-    """MNIST as tasks of two digits: 0/1, 2/3, 4/5, 6/7, 8/9."""
+    """MNIST as two-digit tasks: 0/1, 2/3, ..., 8/9, or the pairs of ``class_order`` (:func:`class_order_of`)."""
     return _split_idx_stream(
-        "split_mnist", "MNIST", scenario, data_dir, download, num_tasks, subsample, test_subsample, seed
+        "split_mnist", "MNIST", scenario, data_dir, download, num_tasks, subsample, test_subsample, seed, class_order
     )
 
 
@@ -95,10 +96,12 @@ def split_fashion_mnist(
     subsample: int | None = None,
     test_subsample: int | None = None,
     seed: int = 0,
+    class_order: Sequence[int] | str | None = None,
 ) -> TaskStream:
-    """Fashion-MNIST as tasks of two classes: 0/1 (T-shirt, trouser), 2/3 (pullover, dress), ..."""
+    """Fashion-MNIST as tasks of two classes: 0/1 (T-shirt, trouser), 2/3 (pullover, dress), ..., or ``class_order``."""
     return _split_idx_stream(
-        "split_fashion_mnist", "FashionMNIST", scenario, data_dir, download, num_tasks, subsample, test_subsample, seed
+        "split_fashion_mnist", "FashionMNIST", scenario, data_dir, download, num_tasks, subsample, test_subsample, seed,
+        class_order,
     )
 
 
@@ -155,6 +158,7 @@ def digits(
     subsample: int | None = None,
     test_subsample: int | None = None,
     seed: int = 0,
+    class_order: Sequence[int] | str | None = None,
 ) -> TaskStream:
     """scikit-learn's bundled 8x8 digits (1797 images, no download) as tasks of two digits, split 75/25 by ``seed``."""
     _check_scenario(scenario)
@@ -166,7 +170,7 @@ def digits(
     )
     train_index, test_index = torch.from_numpy(np.sort(train_index)), torch.from_numpy(np.sort(test_index))
     data = {True: (images[train_index], labels[train_index]), False: (images[test_index], labels[test_index])}
-    tasks = _split_tasks(data, scenario, num_tasks, subsample, test_subsample, seed)
+    tasks = _split_tasks(data, scenario, num_tasks, subsample, test_subsample, seed, class_order)
     return TaskStream("digits", scenario, tasks, input_shape=(1, 8, 8), classes_per_task=2)
 
 
@@ -216,11 +220,36 @@ def _split_idx_stream(
     subsample: int | None,
     test_subsample: int | None,
     seed: int,
+    class_order: Sequence[int] | str | None,
 ) -> TaskStream:
     _check_scenario(scenario)
+    order = class_order_of(class_order, seed)  # checked before the (slower) data loading
     data = {train: _load_idx(dataset, train, data_dir, download) for train in (True, False)}
-    tasks = _split_tasks(data, scenario, num_tasks, subsample, test_subsample, seed)
+    tasks = _split_tasks(data, scenario, num_tasks, subsample, test_subsample, seed, order)
     return TaskStream(stream_name, scenario, tasks, input_shape=(1, 28, 28), classes_per_task=2)
+
+
+def class_order_of(class_order: Sequence[int] | str | None, seed: int = 0, num_classes: int = 10) -> list[int]:
+    """The order in which a split stream deals out its classes, two per task.
+
+    ``None``: 0, 1, ..., 9 (tasks 0/1, 2/3, ...). ``"seeded"``: a permutation drawn from ``seed``, so that each seed
+    pairs the classes differently, as van de Ven's code does. A list: those classes, each exactly once.
+    """
+    if class_order is None:
+        return list(range(num_classes))
+    if isinstance(class_order, str):
+        if class_order != "seeded":
+            raise ValueError(
+                f"class_order={class_order!r} is not understood: use null (0..{num_classes - 1} in order), 'seeded' "
+                f"(a permutation drawn from the seed) or a list of the {num_classes} class labels"
+            )
+        return [int(c) for c in _rng(seed, 0, _CLASS_ORDER).permutation(num_classes)]
+    order = [int(c) for c in class_order]
+    if sorted(order) != list(range(num_classes)):
+        raise ValueError(
+            f"class_order must list each of the classes 0..{num_classes - 1} exactly once; got {order}"
+        )
+    return order
 
 
 def _split_tasks(
@@ -230,20 +259,30 @@ def _split_tasks(
     subsample: int | None,
     test_subsample: int | None,
     seed: int,
+    class_order: Sequence[int] | str | None = None,
 ) -> list[Task]:
-    """Task k holds classes 2k and 2k+1 of a ten-class dataset."""
+    """Task k holds classes ``order[2k]`` and ``order[2k+1]`` of a ten-class dataset.
+
+    Labels are positions: 0/1 within the task for the task and domain scenarios, ``2k``/``2k+1`` in the class
+    scenario (so that the outputs of the classes seen so far are the first ones; with the default order these are
+    the original labels).
+    """
     if not 1 <= num_tasks <= 5:
         raise ValueError(f"a split stream has 1 to 5 tasks of two classes, got num_tasks={num_tasks}")
+    order = class_order_of(class_order, seed)
+    position = torch.empty(len(order), dtype=torch.long)
+    position[torch.tensor(order)] = torch.arange(len(order))
     tasks = []
     for task in range(num_tasks):
         first = 2 * task
-        offset = 0 if scenario == "class" else first  # class scenario keeps the original label
+        offset = 0 if scenario == "class" else first
+        pair = torch.tensor(order[first : first + 2])
 
         def part(train: bool) -> TensorDataset:
             images, labels = data[train]
-            index = torch.nonzero((labels == first) | (labels == first + 1)).squeeze(1)
+            index = torch.nonzero(torch.isin(labels, pair)).squeeze(1)
             index = index[_subset(len(index), subsample if train else test_subsample, seed, task, train)]
-            return _task_dataset(_unit_pixels(images[index]), labels[index] - offset, task)
+            return _task_dataset(_unit_pixels(images[index]), position[labels[index]] - offset, task)
 
         tasks.append(Task(part(True), part(False), classes=[first - offset, first + 1 - offset]))
     return tasks
