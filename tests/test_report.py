@@ -34,6 +34,10 @@ def test_benchmark_and_variant_names_follow_the_config():
     assert variant_of(plain("method=online_ewc")) == "online_ewc (exact)"
     assert variant_of(plain("method=si")) == "si" and variant_of(plain("method=joint")) == "joint"
     assert variant_of(plain("method=finetune", "train.keep_optimizer_state=true")) == "finetune + kept optimizer"
+    assert benchmark_of(plain("experiment=split_mnist_task_il", "stream.class_order=seeded")) == (
+        "split_mnist/task/2000it/seeded"
+    )
+    assert benchmark_of(plain("stream=split_mnist", "stream.class_order=[1,0,2,3,4,5,6,7,8,9]")).endswith("/1023456789")
     hsu = plain("experiment=split_mnist_hsu", "method=finetune")
     assert benchmark_of(hsu) == "split_mnist/task/4ep" and variant_of(hsu) == "finetune"
 

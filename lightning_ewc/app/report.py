@@ -27,12 +27,16 @@ RUN_COLUMNS = ("benchmark", "variant", "ewc_lambda", "seed", "avg_acc", "bwt", "
 
 
 def benchmark_of(config: dict) -> str:
-    """A short name for what was trained: stream, scenario, tasks and schedule (``split_mnist/task/2000it``)."""
+    """A short name for what was trained: stream, scenario, schedule and a class order other than the default
+    (``split_mnist/task/2000it``, ``split_mnist/task/2000it/seeded``)."""
     stream = config["stream"]
     name = str(stream["_target_"]).rsplit(".", 1)[-1]
     train = config["train"]
     schedule = f"{train['steps_per_task']}it" if train.get("steps_per_task") else f"{train['epochs_per_task']}ep"
-    return f"{name}/{stream['scenario']}/{schedule}"
+    order = stream.get("class_order")
+    if order is None:  # the default pairing (0/1, 2/3, ...) gets no suffix
+        return f"{name}/{stream['scenario']}/{schedule}"
+    return f"{name}/{stream['scenario']}/{schedule}/{order if isinstance(order, str) else ''.join(map(str, order))}"
 
 
 def variant_of(config: dict) -> str:
