@@ -37,7 +37,7 @@ class EWCCallback(Callback):
             that writes λ Σ F (θ − θ*)² without the ½ needs half our λ for the same penalty.
         mode: ``"separate"`` (one spring per earlier task, the original EWC) or ``"online"`` (Schwarz et al. 2018:
             F̃ ← γ F̃ + F_t, anchored at the latest weights). Either way the state is two parameter-sized tensors.
-        gamma: γ ∈ (0, 1], the decay of older importance in ``online`` mode.
+        gamma: γ ∈ [0, 1], the decay of older importance in ``online`` mode (0: only the latest task's spring).
         importance: ``"fisher"`` (EWC), ``"l2"`` (uniform importance), ``"mas"`` (Aljundi et al. 2018) or ``"si"``
             (Zenke et al. 2017, path integral with damping ``si_damping``).
         fisher: the Fisher estimator: ``"exact"``, ``"sampled"``, ``"empirical"`` or ``"batched"``.

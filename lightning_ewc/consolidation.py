@@ -125,8 +125,11 @@ class ConsolidatedState:
 def check_mode(mode: str, gamma: float) -> None:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose 'separate' (one spring per task) or 'online' (decayed sum)")
-    if not (0.0 < gamma <= 1.0):
-        raise ValueError(f"gamma must be in (0, 1] (the decay of older tasks' importance in online mode); got {gamma}")
+    if not (0.0 <= gamma <= 1.0):
+        raise ValueError(
+            f"gamma must be in [0, 1] (the decay of older tasks' importance in online mode; 0 keeps only the latest "
+            f"task's); got {gamma}"
+        )
 
 
 class _FusedQuadratic(torch.autograd.Function):

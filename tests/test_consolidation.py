@@ -135,7 +135,7 @@ def test_merge_separate_pure_function_two_springs():
     assert added == pytest.approx(1 * 3 / 4 * 16)
 
 
-@pytest.mark.parametrize("gamma", [1.0, 0.5])
+@pytest.mark.parametrize("gamma", [1.0, 0.5, 0.0])
 def test_online_is_decayed_sum_anchored_at_latest(gamma):
     tasks = random_tasks(SHAPES, 4)
     state = ConsolidatedState(mode="online", gamma=gamma)
@@ -213,7 +213,7 @@ def test_resized_parameter_is_a_clear_error():
     "kwargs, match",
     [
         (dict(mode="sum"), "unknown mode"),
-        (dict(mode="online", gamma=0.0), "gamma must be in"),
+        (dict(mode="online", gamma=-0.1), "gamma must be in"),
         (dict(mode="online", gamma=1.5), "gamma must be in"),
         (dict(ewc_lambda=-1.0), "ewc_lambda must be"),
         (dict(importance="fisherr"), "unknown importance"),

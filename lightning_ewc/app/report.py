@@ -41,15 +41,26 @@ def benchmark_of(config: dict) -> str:
 
 def variant_of(config: dict) -> str:
     """The method as a table row names it: ``ewc (exact)``, ``ewc (exact, 500)``, ``online_ewc (exact)``, ``si``,
-    ``finetune + kept optimizer`` (``train.keep_optimizer_state=true``)."""
+    ``l2 (online, γ=0)`` (a mode other than the method's own), ``finetune + kept optimizer``
+    (``train.keep_optimizer_state=true``)."""
     method = config["method"]
     callback = method.get("callback") or {}
     name = str(method["name"])
+    details = []
     if callback.get("importance") == "fisher":
-        detail = str(callback.get("fisher", "exact"))
+        details.append(str(callback.get("fisher", "exact")))
         if callback.get("num_samples"):
-            detail += f", {callback['num_samples']}"
-        name += f" ({detail})"
+            details.append(str(callback["num_samples"]))
+    mode, gamma = callback.get("mode"), float(callback.get("gamma", 1.0))
+    online_by_default = name in ("online_ewc", "si")
+    if mode == "online" and not online_by_default:
+        details.append(f"online, γ={gamma:g}")
+    elif mode == "online" and gamma != 1.0:
+        details.append(f"γ={gamma:g}")
+    elif mode == "separate" and online_by_default:
+        details.append("separate")
+    if details:
+        name += f" ({', '.join(details)})"
     if config["train"].get("keep_optimizer_state"):
         name += " + kept optimizer"
     return name
