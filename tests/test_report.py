@@ -75,7 +75,7 @@ def test_report_averages_seeds_picks_the_best_lambda_and_draws(tmp_path):
     table = (report / "table.md").read_text()
     assert f"{100 * means[want]:.2f} ± " in table and table.count("| digits/task/6it | ewc (exact) |") == 3
     assert (report / "results_bars.png").stat().st_size > 1000
-    assert (report / "heatmap_digits_task_ewc-exact.png").stat().st_size > 1000
+    assert (report / "heatmap_digits_task_6it_ewc-exact.png").stat().st_size > 1000
 
 
 def test_report_command_prints_the_best_rows(tmp_path, capsys):

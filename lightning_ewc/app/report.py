@@ -3,9 +3,9 @@
 ``python -m lightning_ewc.app.report RUNS_DIR [--out DIR]`` reads every ``results.json`` under RUNS_DIR (any mix
 of sweeps), prints the table as markdown and writes ``runs.csv`` (one line per run), ``table.md``, the bar chart
 ``results_bars.png`` (best λ per variant) and, per benchmark, the heatmap of the seed-mean accuracy matrix of the
-main variants (``heatmap_<stream>_<scenario>_<variant>.png``; ``--heatmaps`` picks them). ``--published CSV`` puts
-the papers' values (columns ``benchmark,variant,published``) beside ours in the table and on the chart.
-``sweep.py`` tables one multirun; this tables them all.
+main variants (``heatmap_<stream>_<scenario>_<schedule>_<variant>.png``; ``--heatmaps`` picks them).
+``--published CSV`` puts the papers' values (columns ``benchmark,variant,published``) beside ours in the table and
+on the chart. ``sweep.py`` tables one multirun; this tables them all.
 """
 
 from __future__ import annotations
@@ -217,12 +217,12 @@ def write_report(
     groups = group_runs(rows)
     best = best_rows(groups, min_seeds)
     (out / "table.md").write_text(
-        "## Best λ per variant\n\n" + markdown_table(best, published) + "\n\n## Every λ\n\n" + markdown_table(groups) + "\n"
+        f"## Best λ per variant\n\n{markdown_table(best, published)}\n\n## Every λ\n\n{markdown_table(groups)}\n"
     )
     if best:
         plot_bars(best, out / "results_bars.png", published)
     for g in (g for g in best if g["variant"] in heatmaps):
-        slug = "_".join(part for part in (g["benchmark"].split("/")[:2]) + [_slug(g["variant"])])
+        slug = "_".join([*g["benchmark"].split("/"), _slug(g["variant"])])  # the whole name: 2000it and 4ep differ
         plot_accuracy_matrix(g["mean_R"], out / f"heatmap_{slug}.png",
                              title=f"{g['benchmark']}: {g['variant']} (mean of {len(g['seeds'])})")
     return best
@@ -238,7 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("runs_dir", help="folder holding the runs (searched recursively for results.json)")
     parser.add_argument("--out", default="report", help="where to write runs.csv, table.md and the PNGs")
     parser.add_argument("--min-seeds", type=int, default=1, help="ignore (variant, λ) groups with fewer seeds")
-    parser.add_argument("--heatmaps", default=",".join(MAIN_VARIANTS), help="variants to draw heatmaps of, comma-separated")
+    parser.add_argument("--heatmaps", default=",".join(MAIN_VARIANTS),
+                        help="variants to draw heatmaps of, comma-separated")
     parser.add_argument("--published", default=None,
                         help="CSV with columns benchmark,variant,published (%%): the papers' values beside ours")
     args = parser.parse_args(argv)
