@@ -115,6 +115,9 @@ def test_published_values_join_the_table_and_the_chart(tmp_path):
     assert table[0].endswith("| published (%) |") and table[2].endswith("| 98.5 |") and table[3].endswith("| — |")
     assert plot_bars(best, tmp_path / "bars.png", published).stat().st_size > 1000
 
+    (tmp_path / "unquoted.csv").write_text("benchmark,variant,published\nb,ewc (exact, 500),98.9\n")
+    with pytest.raises(ValueError, match="line 2: published value '500\\)' is not a number.*double quotes"):
+        read_published(tmp_path / "unquoted.csv")
     (tmp_path / "bad.csv").write_text("bench,variant,value\nb,ewc,1\n")
     with pytest.raises(ValueError, match="needs the columns benchmark, variant, published; missing"):
         read_published(tmp_path / "bad.csv")

@@ -144,7 +144,19 @@ def read_published(path: str | Path) -> dict[tuple[str, str], float]:
     if missing:
         raise ValueError(f"{path}: the published-results CSV needs the columns benchmark, variant, published; "
                          f"missing {sorted(missing)}")
-    return {(r["benchmark"], r["variant"]): float(r["published"]) for r in rows if r["published"].strip()}
+    published = {}
+    for line, row in enumerate(rows, start=2):
+        value = (row["published"] or "").strip()
+        if not value:
+            continue
+        try:
+            published[(row["benchmark"], row["variant"])] = float(value)
+        except ValueError:
+            raise ValueError(
+                f"{path}, line {line}: published value {value!r} is not a number (a field holding a comma, such as "
+                '"ewc (exact, 500)", must be in double quotes)'
+            ) from None
+    return published
 
 
 def _pct(mean: float, std: float | None) -> str:
