@@ -184,9 +184,11 @@ def plot_bars(best: list[dict], path: str | Path, published: dict[tuple[str, str
     """One panel per benchmark, one bar per variant (its best λ): mean average accuracy with the std as error bar,
     and a black diamond at the published value where ``published`` has one."""
     benchmarks = sorted({g["benchmark"] for g in best})
-    figure = _new_figure(width=4.2 * len(benchmarks), height=4.2)
+    columns = min(3, len(benchmarks))
+    rows_of_panels = -(-len(benchmarks) // columns)
+    figure = _new_figure(width=5.6 * columns, height=3.6 * rows_of_panels)
     for k, benchmark in enumerate(benchmarks):
-        axes = figure.add_subplot(1, len(benchmarks), k + 1)
+        axes = figure.add_subplot(rows_of_panels, columns, k + 1)
         rows = [g for g in best if g["benchmark"] == benchmark]
         heights = [100 * g["mean"] for g in rows]
         errors = [0.0 if g["std"] is None else 100 * g["std"] for g in rows]
