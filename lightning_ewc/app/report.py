@@ -238,7 +238,7 @@ def write_report(
     for g in (g for g in best if g["variant"] in heatmaps):
         slug = "_".join([*g["benchmark"].split("/"), _slug(g["variant"])])  # the whole name: 2000it and 4ep differ
         plot_accuracy_matrix(g["mean_R"], out / f"heatmap_{slug}.png",
-                             title=f"{g['benchmark']}: {g['variant']} (mean of {len(g['seeds'])})")
+                             title=f"{g['benchmark']}\n{g['variant']} (mean of {len(g['seeds'])})")
     return best
 
 
