@@ -122,3 +122,35 @@ def test_published_values_join_the_table_and_the_chart(tmp_path):
     (tmp_path / "bad.csv").write_text("bench,variant,value\nb,ewc,1\n")
     with pytest.raises(ValueError, match="needs the columns benchmark, variant, published; missing"):
         read_published(tmp_path / "bad.csv")
+
+
+def test_an_earlier_runs_csv_joins_the_runs_found(tmp_path, capsys):
+    # Seed 0 ran earlier and only its runs.csv is left; seeds 1 and 2 have their folders; seed 2 is also in the
+    # old file with a stale value that the folder must override.
+    results = {}
+    for seed in (0, 1, 2):
+        out = tmp_path / ("old" if seed == 0 else "runs") / f"seed{seed}"
+        results[seed] = run(compose_app(*QUICK, "stream.num_tasks=2", "method=finetune", f"seed={seed}",
+                                        f"output_dir={out}"))
+    write_report(tmp_path / "old", tmp_path / "old_report")
+    old_csv = tmp_path / "old_report" / "runs.csv"
+    with open(old_csv, newline="") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert row["num_tasks"] == "2" and row["tasks_done"] == "2"
+    stale = dict(row, seed="2", avg_acc="0.0")
+    unfinished = dict(row, seed="7", tasks_done="1")  # a run cut off after its first task: not averaged
+    with open(old_csv, "a", newline="") as handle:
+        csv.DictWriter(handle, fieldnames=list(row)).writerows([stale, unfinished])
+
+    main([str(tmp_path / "runs"), "--out", str(tmp_path / "report"), "--include", str(old_csv)])
+    (best,) = write_report(tmp_path / "runs", tmp_path / "report", include=(old_csv,))
+    accs = [results[s]["avg_acc"] for s in (0, 1, 2)]
+    assert best["seeds"] == [0, 1, 2] and best["mean"] == pytest.approx(statistics.fmean(accs))
+    assert best["matrix_seeds"] == 2  # the heatmap averages the runs that still have their matrix
+    assert f"| 0,1,2 | {100 * statistics.fmean(accs):.2f} ± " in capsys.readouterr().out
+    with open(tmp_path / "report" / "runs.csv", newline="") as handle:
+        assert sorted(int(r["seed"]) for r in csv.DictReader(handle)) == [0, 1, 2, 7]  # the record keeps all
+
+    (tmp_path / "old.csv").write_text("benchmark,variant,ewc_lambda,seed,avg_acc\nb,finetune,,0,0.5\n")
+    with pytest.raises(ValueError, match="missing .*num_tasks.*add it, or write the file again"):
+        write_report(tmp_path / "runs", tmp_path / "r2", include=(tmp_path / "old.csv",))

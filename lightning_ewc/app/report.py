@@ -5,7 +5,9 @@ of sweeps), prints the table as markdown and writes ``runs.csv`` (one line per r
 ``results_bars.png`` (best λ per variant) and, per benchmark, the heatmap of the seed-mean accuracy matrix of the
 main variants (``heatmap_<stream>_<scenario>_<schedule>_<variant>.png``; ``--heatmaps`` picks them).
 ``--published CSV`` puts the papers' values (columns ``benchmark,variant,published``) beside ours in the table and
-on the chart. ``sweep.py`` tables one multirun; this tables them all.
+on the chart. ``--include runs.csv`` merges the rows of an earlier report (runs whose folders are gone, or that ran
+on another machine) into the table and the chart; runs found under RUNS_DIR take precedence over included rows of
+the same benchmark, variant, λ and seed. ``sweep.py`` tables one multirun; this tables them all.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from typing import Any
 from lightning_ewc.app.plots import _new_figure, _save, plot_accuracy_matrix
 from lightning_ewc.app.sweep import collect_runs
 
-__all__ = ["benchmark_of", "best_rows", "group_runs", "read_published", "run_row", "variant_of"]
+__all__ = ["benchmark_of", "best_rows", "group_runs", "read_published", "read_runs_csv", "run_row", "variant_of"]
 
-RUN_COLUMNS = ("benchmark", "variant", "ewc_lambda", "seed", "avg_acc", "bwt", "forgetting", "tasks_done", "wall_s")
+RUN_COLUMNS = ("benchmark", "variant", "ewc_lambda", "seed", "avg_acc", "bwt", "forgetting", "tasks_done",
+               "num_tasks", "wall_s")
 
 
 def benchmark_of(config: dict) -> str:
@@ -79,6 +82,7 @@ def run_row(run: dict) -> dict[str, Any]:
         "bwt": run.get("bwt"),
         "forgetting": run.get("forgetting"),
         "tasks_done": run.get("tasks_done"),
+        "num_tasks": len(run["acc_matrix"][0]),
         "wall_s": sum(run.get("task_times") or []),
         "acc_matrix": run["acc_matrix"],
     }
@@ -87,17 +91,18 @@ def run_row(run: dict) -> dict[str, Any]:
 def group_runs(rows: list[dict]) -> list[dict]:
     """Rows of one (benchmark, variant, λ) merged: mean and std of the metrics over seeds, and the mean R.
 
-    Only finished runs count (all tasks done), so that a sweep still in progress does not lower a mean.
+    Only finished runs count (all tasks done), so that a sweep still in progress does not lower a mean. The mean R
+    (and ``matrix_seeds``) covers the members that carry an accuracy matrix: rows read from a runs.csv have none.
     """
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
-        if row["tasks_done"] == len(row["acc_matrix"][0]):
+        if row["tasks_done"] == row["num_tasks"]:
             groups[(row["benchmark"], row["variant"], row["ewc_lambda"])].append(row)
     merged = []
     for (benchmark, variant, ewc_lambda), members in sorted(groups.items(), key=lambda kv: _sort_key(kv[0])):
         accs = [m["avg_acc"] for m in members]
-        matrices = [m["acc_matrix"] for m in members]
-        mean_R = [[statistics.fmean(col) for col in zip(*cells)] for cells in zip(*matrices)]
+        matrices = [m["acc_matrix"] for m in members if m.get("acc_matrix")]
+        mean_R = [[statistics.fmean(col) for col in zip(*cells)] for cells in zip(*matrices)] if matrices else None
         merged.append(
             {
                 "benchmark": benchmark,
@@ -108,6 +113,7 @@ def group_runs(rows: list[dict]) -> list[dict]:
                 "std": statistics.stdev(accs) if len(accs) > 1 else None,
                 "bwt": statistics.fmean(m["bwt"] for m in members if m["bwt"] is not None) if members else None,
                 "mean_R": mean_R,
+                "matrix_seeds": len(matrices),
             }
         )
     return merged
@@ -157,6 +163,38 @@ def read_published(path: str | Path) -> dict[tuple[str, str], float]:
                 '"ewc (exact, 500)", must be in double quotes)'
             ) from None
     return published
+
+
+def read_runs_csv(path: str | Path) -> list[dict]:
+    """The rows of a runs.csv written by an earlier report, typed as :func:`run_row` makes them (no matrix)."""
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    missing = set(RUN_COLUMNS) - set(rows[0] if rows else RUN_COLUMNS)
+    if missing:
+        raise ValueError(f"{path}: a runs.csv to include needs the columns {', '.join(RUN_COLUMNS)}; missing "
+                         f"{sorted(missing)} (num_tasks is the stream's task count, so that unfinished runs can be "
+                         "told apart: add it, or write the file again with this version of the report)")
+
+    def number(text: str, kind=float):
+        return None if text in ("", None) else kind(float(text))
+
+    typed = []
+    for line, row in enumerate(rows, start=2):
+        try:
+            typed.append({**row, "ewc_lambda": number(row["ewc_lambda"]), "seed": number(row["seed"], int),
+                          "avg_acc": float(row["avg_acc"]), "bwt": number(row["bwt"]),
+                          "forgetting": number(row["forgetting"]), "tasks_done": number(row["tasks_done"], int),
+                          "num_tasks": number(row["num_tasks"], int), "wall_s": number(row["wall_s"]),
+                          "acc_matrix": None})
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}, line {line}: {error} (seed, avg_acc, tasks_done and num_tasks must be "
+                             "numbers)") from None
+    return typed
+
+
+def _run_key(row: dict) -> tuple:
+    lam = row["ewc_lambda"]
+    return (row["benchmark"], row["variant"], None if lam is None else float(lam), int(row["seed"]))
 
 
 def _pct(mean: float, std: float | None) -> str:
@@ -217,12 +255,21 @@ def write_report(
     min_seeds: int = 1,
     heatmaps: tuple[str, ...] = MAIN_VARIANTS,
     published: dict[tuple[str, str], float] | None = None,
+    include: tuple[str | Path, ...] = (),
 ) -> list[dict]:
     """Write runs.csv, table.md, the bar chart and the heatmaps of the ``heatmaps`` variants under ``out``;
-    ``published`` (see :func:`read_published`) adds the papers' values to the table and the chart."""
+    ``published`` (see :func:`read_published`) adds the papers' values to the table and the chart; ``include``
+    names runs.csv files of earlier reports whose rows join those found under ``runs_dir``."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    # Read everything before writing anything: an included runs.csv may be the one this report overwrites.
     rows = [run_row(run) for run in collect_runs(runs_dir) if "config" in run and run.get("acc_matrix")]
+    seen = {_run_key(row) for row in rows}
+    for path in include:
+        for row in read_runs_csv(path):
+            if _run_key(row) not in seen:
+                seen.add(_run_key(row))
+                rows.append(row)
+    out.mkdir(parents=True, exist_ok=True)
     with open(out / "runs.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=RUN_COLUMNS, extrasaction="ignore")
         writer.writeheader()
@@ -235,10 +282,10 @@ def write_report(
     )
     if best:
         plot_bars(best, out / "results_bars.png", published)
-    for g in (g for g in best if g["variant"] in heatmaps):
+    for g in (g for g in best if g["variant"] in heatmaps and g["mean_R"] is not None):
         slug = "_".join([*g["benchmark"].split("/"), _slug(g["variant"])])  # the whole name: 2000it and 4ep differ
         plot_accuracy_matrix(g["mean_R"], out / f"heatmap_{slug}.png",
-                             title=f"{g['benchmark']}\n{g['variant']} (mean of {len(g['seeds'])})")
+                             title=f"{g['benchmark']}\n{g['variant']} (mean of {g['matrix_seeds']})")
     return best
 
 
@@ -256,10 +303,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="variants to draw heatmaps of, comma-separated")
     parser.add_argument("--published", default=None,
                         help="CSV with columns benchmark,variant,published (%%): the papers' values beside ours")
+    parser.add_argument("--include", action="append", default=[], metavar="RUNS_CSV",
+                        help="runs.csv of an earlier report to merge in (repeatable); runs under runs_dir win")
     args = parser.parse_args(argv)
     published = read_published(args.published) if args.published else None
     heatmaps = tuple(v.strip() for v in args.heatmaps.split(","))
-    best = write_report(args.runs_dir, args.out, args.min_seeds, heatmaps, published)
+    best = write_report(args.runs_dir, args.out, args.min_seeds, heatmaps, published, tuple(args.include))
     print(markdown_table(best, published))
 
 
