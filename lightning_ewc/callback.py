@@ -12,7 +12,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from lightning_ewc._lightning import Callback, rank_zero_info, rank_zero_warn
-from lightning_ewc.consolidation import ConsolidatedState, check_mode, quadratic_penalty
+from lightning_ewc.consolidation import (
+    ConsolidatedState,
+    add_penalty_gradient,
+    check_mode,
+    penalty_from_squared,
+    quadratic_penalty,
+)
 from lightning_ewc.fisher import (
     FISHER_ESTIMATORS,
     ImportanceSums,
@@ -23,6 +29,7 @@ from lightning_ewc.fisher import (
 from lightning_ewc.importance import IMPORTANCES, PathIntegral, uniform_importance
 
 FisherData = DataLoader | Callable[[Any], Iterable] | None
+PENALTY_VIA = ("loss", "gradient")
 
 
 class EWCCallback(Callback):
@@ -49,6 +56,12 @@ class EWCCallback(Callback):
             parameter is consolidated. Frozen parameters are skipped.
         si_damping: ξ of Synaptic Intelligence.
         seed: seeds the subset drawn for ``num_samples`` and the labels drawn by ``sampled``.
+        penalty_via: ``"loss"`` (default): the mixin adds the penalty to the training loss. ``"gradient"``: the
+            callback adds the penalty's gradient λ F ⊙ (θ − c) to ``.grad`` in ``on_before_optimizer_step`` (after
+            AMP unscaling, before clipping, once per optimizer step, so accumulation, clipping and DDP see the same
+            gradients as with ``"loss"``), about half the penalty's per-step cost (bench/penalty_overhead.py). The
+            loss then excludes the penalty: ``ewc/penalty`` is still logged, but an optimizer that re-evaluates the
+            loss in a closure (LBFGS) must use ``"loss"``.
     """
 
     def __init__(
@@ -65,6 +78,7 @@ class EWCCallback(Callback):
         exclude: Sequence[str] = (),
         si_damping: float = 0.1,
         seed: int = 0,
+        penalty_via: str = "loss",
     ) -> None:
         if not isinstance(ewc_lambda, (int, float)) or ewc_lambda < 0:
             raise ValueError(f"ewc_lambda must be a number >= 0 (the penalty strength λ); got {ewc_lambda!r}")
@@ -75,6 +89,11 @@ class EWCCallback(Callback):
             raise ValueError(f"unknown Fisher estimator {fisher!r}; choose one of {FISHER_ESTIMATORS}")
         if num_samples is not None and (not isinstance(num_samples, int) or num_samples <= 0):
             raise ValueError(f"num_samples must be a positive integer or None (all samples); got {num_samples!r}")
+        if penalty_via not in PENALTY_VIA:
+            raise ValueError(
+                f"unknown penalty_via {penalty_via!r}; choose 'loss' (added to the training loss) or 'gradient' "
+                "(added to the gradients before each optimizer step)"
+            )
         if isinstance(include, str) or isinstance(exclude, str):
             raise TypeError("include/exclude take a list of glob patterns, e.g. exclude=['heads.*']")
         self.ewc_lambda = float(ewc_lambda)
@@ -86,7 +105,8 @@ class EWCCallback(Callback):
         self.include = list(include) if include is not None else None
         self.exclude = list(exclude)
         self.seed = seed
-        self.state = ConsolidatedState(mode=mode, gamma=gamma)
+        self.penalty_via = penalty_via
+        self.state = ConsolidatedState(mode=mode, gamma=gamma, squared=penalty_via == "gradient")
         self.path_integral = PathIntegral(si_damping) if importance == "si" else None
         self.last_estimate: ImportanceSums | None = None  # sample count and per-parameter route of the last pass
         self._version = 0  # bumped whenever the state changes; invalidates the penalty cache
@@ -131,6 +151,8 @@ class EWCCallback(Callback):
             self.path_integral.begin_task(self.selected_parameters(pl_module))
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.penalty_via == "gradient":
+            self.add_penalty_gradient(pl_module, optimizer)  # first: SI below must see the same gradient either way
         if self.path_integral is not None and self.path_integral.active:
             self.path_integral.before_step(self.selected_parameters(pl_module))
             self._stepped = True
@@ -166,6 +188,7 @@ class EWCCallback(Callback):
                 f"this EWCCallback has mode={self.state.mode!r}, importance={self.importance_name!r}; construct the "
                 "callback with the checkpoint's settings to resume"
             )
+        loaded.hold_squared(self.penalty_via == "gradient")
         self.state = loaded
         if self.path_integral is not None and "path_integral" in state_dict:
             self.path_integral.load_state_dict(state_dict["path_integral"])
@@ -291,21 +314,51 @@ class EWCCallback(Callback):
     # Penalty
     # ------------------------------------------------------------------------------------------------------------------
     def penalty(self, pl_module: nn.Module) -> Tensor:
-        """(λ/2) (Σ_i F_i (θ_i − c_i)² + const): the EWC term for the module's current weights."""
-        params, roots, centres = self._aligned(pl_module)
+        """(λ/2) (Σ_i F_i (θ_i − c_i)² + const): the EWC term for the module's current weights.
+
+        Differentiable with ``penalty_via="loss"``; with ``"gradient"`` a value without a graph (for logging), since
+        the callback applies the gradient itself."""
+        params, first, second = self._aligned(pl_module)
         if not params:
             device = next(pl_module.parameters()).device if any(True for _ in pl_module.parameters()) else None
             return torch.zeros((), device=device)
-        quadratic = quadratic_penalty(roots, centres, params)
+        if self.penalty_via == "gradient":
+            quadratic = penalty_from_squared(params, first, second).to(params[0].dtype)
+        else:
+            quadratic = quadratic_penalty(first, second, params)
         return (0.5 * self.ewc_lambda) * (quadratic + self.state.constant)
+
+    def add_penalty_gradient(self, pl_module: nn.Module, optimizer=None) -> None:
+        """Adds λ F ⊙ (θ − c) to the ``.grad`` of the consolidated parameters (those of ``optimizer`` if given)."""
+        if self.ewc_lambda == 0 or not self.state.num_tasks:
+            return
+        params, fisher, centres = self._aligned(pl_module)
+        if optimizer is not None:
+            owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            chosen = [i for i, p in enumerate(params) if p.requires_grad and id(p) in owned]
+        else:
+            chosen = [i for i, p in enumerate(params) if p.requires_grad]
+        for i in chosen:
+            if params[i].grad is None:  # as autograd would: the penalty alone gives it a gradient
+                params[i].grad = torch.zeros_like(params[i])
+        add_penalty_gradient(
+            [params[i].grad for i in chosen],
+            [params[i].detach() for i in chosen],
+            [fisher[i] for i in chosen],
+            [centres[i] for i in chosen],
+            self.ewc_lambda,
+        )
 
     def _aligned(self, pl_module: nn.Module) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         key = (id(pl_module), self._version)
         if self._penalty_cache is not None and self._penalty_cache[0] == key:
             return self._penalty_cache[1]
         named = dict(pl_module.named_parameters())
+        # √F for the loss-side penalty, F for the gradient-side one
+        firsts = self.state.fisher if self.state.squared else self.state.root_importance
+        seconds = self.state.centre
         params, roots, centres = [], [], []
-        for name, root in self.state.root_importance.items():
+        for name, root in firsts.items():
             if not self._selects(name):
                 continue
             if name not in named:
@@ -320,11 +373,11 @@ class EWCCallback(Callback):
                     f"EWC cannot anchor a resized parameter. Give new classes a new parameter (e.g. a new head "
                     f"module), or leave it out with exclude=[{name!r}]"
                 )
-            self.state.root_importance[name] = root.to(device=p.device, dtype=p.dtype)
-            self.state.centre[name] = self.state.centre[name].to(device=p.device, dtype=p.dtype)
+            firsts[name] = root.to(device=p.device, dtype=p.dtype)
+            seconds[name] = seconds[name].to(device=p.device, dtype=p.dtype)
             params.append(p)
-            roots.append(self.state.root_importance[name])
-            centres.append(self.state.centre[name])
+            roots.append(firsts[name])
+            centres.append(seconds[name])
         self._penalty_cache = (key, (params, roots, centres))
         return params, roots, centres
 

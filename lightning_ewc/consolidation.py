@@ -12,7 +12,9 @@ is irrelevant; it is set to the latest anchor.
 
 ``online`` (Schwarz et al. 2018): F̃ ← γ F̃ + F_t, anchored at the latest θ*_t, no constant.
 
-The penalty is (λ/2) (Σ_i F_i (θ_i − c_i)² + const), computed with one fused pass over all parameters.
+The penalty is (λ/2) (Σ_i F_i (θ_i − c_i)² + const), computed with one fused pass over all parameters; or, applied
+to the gradients instead of the loss, its gradient λ F ⊙ (θ − c) is added to ``.grad`` by two fused kernels, for
+which the state holds F instead of √F.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ class ConsolidatedState:
     2 √F ⊙ (√F ⊙ (θ − c)), which takes one temporary per step instead of two (parameter-sized temporaries are fresh
     pages on CPU, and page faults dominated the penalty's cost). ``importance`` gives F itself.
 
+    With ``squared=True`` the importance is held as F itself (``fisher``; ``root_importance`` is then empty), what
+    the gradient-side penalty reads (see :func:`add_penalty_gradient`).
+
     Parameters first consolidated at task k (e.g. a new head) simply enter with no earlier springs.
     """
 
@@ -64,17 +69,41 @@ class ConsolidatedState:
     centre: dict[str, Tensor] = field(default_factory=dict)
     constant: float = 0.0
     num_tasks: int = 0
+    squared: bool = False
+    fisher: dict[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_mode(self.mode, self.gamma)
+        wanted, self.squared = self.squared, False
+        self.hold_squared(wanted)
 
     @property
     def importance(self) -> dict[str, Tensor]:
-        """F per parameter name (computed from the stored √F)."""
+        """F per parameter name."""
+        if self.squared:
+            return dict(self.fisher)
         return {name: root.square() for name, root in self.root_importance.items()}
+
+    def hold_squared(self, squared: bool) -> None:
+        """Hold F (for the gradient-side penalty) or √F (for the loss-side one)."""
+        if squared == self.squared:
+            return
+        source, target = (self.root_importance, self.fisher) if squared else (self.fisher, self.root_importance)
+        for name in list(source):
+            value = source.pop(name)
+            target[name] = value.square() if squared else value.sqrt()
+        self.squared = squared
 
     def consolidate(self, importance: dict[str, Tensor], anchor: dict[str, Tensor]) -> None:
         """Adds one task: its importance and its weights at the end of the task (same keys)."""
+        squared = self.squared
+        self.hold_squared(False)  # the merges below read √F; the switch costs once per task
+        try:
+            self._consolidate(importance, anchor)
+        finally:
+            self.hold_squared(squared)
+
+    def _consolidate(self, importance: dict[str, Tensor], anchor: dict[str, Tensor]) -> None:
         for name, f_new in importance.items():
             theta = anchor[name].detach()
             f_new = f_new.detach().to(device=theta.device, dtype=theta.dtype)
@@ -98,7 +127,8 @@ class ConsolidatedState:
         self.num_tasks += 1
 
     def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in (self.root_importance, self.centre) for t in d.values())
+        held = (self.root_importance, self.fisher, self.centre)
+        return sum(t.numel() * t.element_size() for d in held for t in d.values())
 
     def state_dict(self) -> dict:
         return {
@@ -165,3 +195,24 @@ def quadratic_penalty(roots: Sequence[Tensor], centres: Sequence[Tensor], params
     if not params:
         return torch.zeros(())
     return _FusedQuadratic.apply(roots, centres, *params)
+
+
+def add_penalty_gradient(
+    grads: Sequence[Tensor], params: Sequence[Tensor], fisher: Sequence[Tensor], centres: Sequence[Tensor],
+    ewc_lambda: float,
+) -> None:
+    """grad += ∂/∂θ (λ/2) Σ F (θ − c)² = λ F ⊙ (θ − c), in place: one temporary, two fused kernels.
+
+    Written by hand because it is the point: autograd through the penalty reads and writes each parameter-sized
+    tensor about twice as often. θ − c is formed first so that the gradient is exactly zero at the anchor (with
+    F θ − F c it would be rounding noise, which Adam divides by its tiny second moment and turns into steps).
+    """
+    if grads:
+        difference = torch._foreach_sub(params, centres)
+        torch._foreach_addcmul_(grads, difference, fisher, value=ewc_lambda)
+
+
+def penalty_from_squared(params: Sequence[Tensor], fisher: Sequence[Tensor], centres: Sequence[Tensor]) -> Tensor:
+    """Σ F (θ − c)² from F itself, without a graph (the value to log when the gradient is applied directly)."""
+    with torch.no_grad():
+        return sum(((p - c).square() * f).sum() for p, f, c in zip(params, fisher, centres))

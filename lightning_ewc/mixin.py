@@ -22,7 +22,9 @@ class EWCMixin:
     ``log_every_n_steps`` cadence (``log_every_n_steps=1`` for every step).
 
     With manual optimization (``self.automatic_optimization = False``) nothing is added behind your back: add
-    ``self.ewc_penalty()`` to the loss you pass to ``self.manual_backward``.
+    ``self.ewc_penalty()`` to the loss you pass to ``self.manual_backward``. With
+    ``EWCCallback(penalty_via="gradient")`` the loss is left alone in either case: the callback adds the penalty's
+    gradient before each optimizer step, and ``ewc_penalty()`` is a value to log, without a graph.
 
     Override :meth:`ewc_logits` for multi-head / task-incremental models so that the importance pass takes the
     log-likelihood over the current task's head, and :meth:`ewc_targets` if labels are not ``batch[1]``.
@@ -85,8 +87,13 @@ class EWCMixin:
         callback = self._ewc_callback()
         if callback is None:
             return output
+        logs = self.trainer.training and _logs_this_step(self.trainer)  # not for training_step called by hand
+        if callback.penalty_via == "gradient":  # the callback adds the gradient before the optimizer step
+            if logs:
+                self.log("ewc/penalty", callback.penalty(self), on_step=True, on_epoch=False)
+            return output
         penalty = callback.penalty(self)
-        if self.trainer.training and _logs_this_step(self.trainer):  # not for training_step called by hand
+        if logs:
             self.log("ewc/penalty", penalty.detach(), on_step=True, on_epoch=False)
         if isinstance(output, Tensor):
             return output + penalty
