@@ -1,7 +1,9 @@
-"""fp16 AMP: the GradScaler scales the penalty once, like the task loss (run on CPU with an explicit plugin)."""
+"""fp16 AMP: the GradScaler scales the penalty once, like the task loss, or not at all when it enters the gradients
+(run on CPU with an explicit plugin)."""
 
 import copy
 
+import pytest
 import torch
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
@@ -15,11 +17,14 @@ class SGDNet(TaskNet):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
-def test_fp16_grad_scaler_scales_the_penalty_once(mnist_dir):
+@pytest.mark.parametrize("penalty_via", ["loss", "gradient"])
+def test_fp16_grad_scaler_scales_the_penalty_once(mnist_dir, penalty_via):
+    """In the loss, the scaler scales the penalty with the task loss and unscales both; in the gradients, the
+    callback adds it after the unscaling, so it must not be scaled at all."""
     torch.manual_seed(0)
     lam, lr = 1e3, 1e-3
     data = [split_mnist_task(t, limit=64) for t in range(2)]
-    net, callback = SGDNet(hidden=16, lr=lr), EWCCallback(ewc_lambda=lam)
+    net, callback = SGDNet(hidden=16, lr=lr), EWCCallback(ewc_lambda=lam, penalty_via=penalty_via)
     make_trainer(max_steps=3, callbacks=[callback]).fit(net, loader(data[0], 32))
     with torch.no_grad():  # leave the anchor so that the penalty pulls from the first step on
         for p in net.parameters():
@@ -35,7 +40,11 @@ def test_fp16_grad_scaler_scales_the_penalty_once(mnist_dir):
     # By hand in float32: one SGD step on task loss + penalty, both unscaled.
     x, y = next(iter(loader(data[1], 32, shuffle=False)))
     params = dict(before.named_parameters())
-    loss = nn.functional.cross_entropy(before(x), y) + callback.penalty(before)
+    importance, centre = callback.state.importance, callback.state.centre
+    penalty = 0.5 * lam * (sum((importance[n] * (p - centre[n]) ** 2).sum() for n, p in params.items())
+                           + callback.state.constant)
+    assert float(penalty) == pytest.approx(float(callback.penalty(before)), rel=1e-5)
+    loss = nn.functional.cross_entropy(before(x), y) + penalty
     grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
     errors, moves = [], []
     for (name, p), g in zip(params.items(), grads):
