@@ -1,6 +1,7 @@
-"""DDP: the Fisher the EWCCallback consolidates over 2 CPU ranks equals the single-process Fisher.
+"""DDP: the Fisher the EWCCallback consolidates over 2 CPU ranks equals the single-process Fisher, and the penalty
+applied through the gradients trains as the penalty in the loss does.
 
-The DDP fit runs in a subprocess (tests/ddp_fisher_script.py): Lightning's DDP launcher re-executes ``sys.argv`` for
+The DDP fits run in subprocesses (tests/ddp_fisher_script.py, tests/ddp_penalty_script.py): Lightning's DDP launcher re-executes ``sys.argv`` for
 the other ranks, which must not be pytest's command line.
 """
 
@@ -39,13 +40,19 @@ def assert_close_rel(actual: dict, expected: dict, rel: float) -> None:
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, mnist_dir):
     out = tmp_path_factory.mktemp("ddp")
+    output = run_ddp_script(SCRIPT, out)
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return ranks, output
+
+
+def run_ddp_script(script: Path, out: Path) -> str:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), str(TESTS), env.get("PYTHONPATH", "")) if p)
     env[DATA_ENV] = str(data_dir())
     env.pop("LOCAL_RANK", None)  # the launcher must start rank 1 itself
     started = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out)],
+        [sys.executable, str(script), str(out)],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -56,8 +63,7 @@ def ddp_run(tmp_path_factory, mnist_dir):
     output = f"--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
     assert proc.returncode == 0, f"DDP script failed (rc={proc.returncode}) after {elapsed:.1f}s\n{output}"
     print(f"\nDDP subprocess took {elapsed:.1f}s")
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    return ranks, output
+    return output
 
 
 def reference_fisher(saved: dict, estimator: str) -> dict:
@@ -114,3 +120,14 @@ def test_ddp_centre_is_the_final_weights(ddp_run):
             assert saved[key].keys() == saved["state_dict"].keys()
             for name, c in saved[key].items():
                 assert torch.equal(c, saved["state_dict"][name]), (key, name)
+
+
+def test_ddp_gradient_side_penalty_trains_like_the_loss_side_one(tmp_path, mnist_dir):
+    run_ddp_script(TESTS / "ddp_penalty_script.py", tmp_path)
+    ranks = [torch.load(tmp_path / f"penalty_rank{r}.pt", weights_only=True) for r in range(2)]
+    for name, w in ranks[0]["gradient"].items():
+        assert torch.equal(w, ranks[1]["gradient"][name]), name  # the replicas stayed identical
+        torch.testing.assert_close(w, ranks[0]["loss"][name], rtol=1e-4, atol=1e-6, msg=name)
+    # and the penalty did change the training: the same run with λ = 0 ends elsewhere
+    moved = max(float((ranks[0]["loss"][n] - ranks[0]["without"][n]).abs().max()) for n in ranks[0]["loss"])
+    assert moved > 1e-3
