@@ -390,3 +390,14 @@ def test_configs_are_found_from_a_non_editable_install(tmp_path):
     done = subprocess.run([sys.executable, "-m", "lightning_ewc", "--help"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "split_mnist" in done.stdout and "permuted_mnist_10" in done.stdout
+
+
+def test_penalty_via_gradient_is_taken_from_the_command_line(tmp_path):
+    # the method config hands the option to EWCCallback (a misspelt key would fail to instantiate); the library's
+    # tests check that the training is the same, here the accuracies agree as a sanity check
+    by_loss = run_app(tmp_path / "loss", "stream.num_tasks=3", "method.callback.ewc_lambda=1000")
+    by_grad = run_app(tmp_path / "grad", "stream.num_tasks=3", "method.callback.ewc_lambda=1000",
+                      "method.callback.penalty_via=gradient")
+    assert by_grad["config"]["method"]["callback"]["penalty_via"] == "gradient"
+    for row_loss, row_grad in zip(by_loss["acc_matrix"], by_grad["acc_matrix"]):
+        assert row_grad == pytest.approx(row_loss, abs=0.02)
