@@ -326,3 +326,16 @@ def test_lightning_trains_in_the_sampler_order_across_epochs(small_split):
 
     trainer.test(net, datamodule=dm, verbose=False)
     assert net.test_tasks == {k: {k} for k in range(5)}
+
+
+def test_permuted_with_padding_permutes_the_padded_image(mnist_dir):
+    stream = permuted_mnist(num_tasks=2, seed=0, subsample=10, pad=2)  # 32x32, as van de Ven
+    assert stream.input_shape == (1, 32, 32)
+    images, _ = original("MNIST", False)
+    padded = torch.zeros(len(images), 1, 32, 32)
+    padded[:, :, 2:30, 2:30] = images
+    first, second = (stream.tasks[k].test.tensors[0] for k in (0, 1))
+    assert torch.equal(first, padded)
+    assert torch.equal(second.flatten(1), padded.flatten(1)[:, pixel_permutation(1, seed=0, num_pixels=32 * 32)])
+    with pytest.raises(ValueError, match="pad must be a whole number of pixels >= 0"):
+        permuted_mnist(num_tasks=1, pad=-1)

@@ -30,16 +30,19 @@ RUN_COLUMNS = ("benchmark", "variant", "ewc_lambda", "seed", "avg_acc", "bwt", "
 
 
 def benchmark_of(config: dict) -> str:
-    """A short name for what was trained: stream, scenario, schedule and a class order other than the default
-    (``split_mnist/task/2000it``, ``split_mnist/task/2000it/seeded``)."""
+    """A short name for what was trained: stream, scenario, schedule, and a class order or padding other than the
+    default (``split_mnist/task/2000it``, ``split_mnist/task/2000it/seeded``, ``permuted_mnist/domain/5000it/pad2``)."""
     stream = config["stream"]
     name = str(stream["_target_"]).rsplit(".", 1)[-1]
     train = config["train"]
     schedule = f"{train['steps_per_task']}it" if train.get("steps_per_task") else f"{train['epochs_per_task']}ep"
+    parts = [name, str(stream["scenario"]), schedule]
     order = stream.get("class_order")
-    if order is None:  # the default pairing (0/1, 2/3, ...) gets no suffix
-        return f"{name}/{stream['scenario']}/{schedule}"
-    return f"{name}/{stream['scenario']}/{schedule}/{order if isinstance(order, str) else ''.join(map(str, order))}"
+    if order is not None:  # the default pairing (0/1, 2/3, ...) gets no suffix
+        parts.append(order if isinstance(order, str) else "".join(map(str, order)))
+    if stream.get("pad"):
+        parts.append(f"pad{stream['pad']}")
+    return "/".join(parts)
 
 
 def variant_of(config: dict) -> str:

@@ -113,19 +113,28 @@ def permuted_mnist(
     subsample: int | None = None,
     test_subsample: int | None = None,
     seed: int = 0,
+    pad: int = 0,
 ) -> TaskStream:
-    """All ten MNIST digits per task; task 0 in the original pixel order, task k > 0 under a seeded permutation."""
+    """All ten MNIST digits per task; task 0 in the original pixel order, task k > 0 under a seeded permutation.
+
+    ``pad`` > 0 first surrounds each image with that many rows and columns of zeros, so that the permutations move
+    the pixels over the larger image (``pad=2``: 32x32, as in van de Ven's code).
+    """
     _check_scenario(scenario)
     _check_positive("num_tasks", num_tasks)
+    if not isinstance(pad, int) or pad < 0:
+        raise ValueError(f"pad must be a whole number of pixels >= 0 (2 gives 32x32 images); got {pad!r}")
+    side = 28 + 2 * pad
     data = {train: _load_idx("MNIST", train, data_dir, download) for train in (True, False)}
     tasks = [
         _whole_dataset_task(
-            data, task, functools.partial(permute, permutation=pixel_permutation(task, seed)), scenario, subsample,
-            test_subsample, seed,
+            data, task,
+            functools.partial(pad_and_permute, pad=pad, permutation=pixel_permutation(task, seed, side * side)),
+            scenario, subsample, test_subsample, seed,
         )
         for task in range(num_tasks)
     ]
-    return TaskStream("permuted_mnist", scenario, tasks, input_shape=(1, 28, 28), classes_per_task=10)
+    return TaskStream("permuted_mnist", scenario, tasks, input_shape=(1, side, side), classes_per_task=10)
 
 
 def rotated_mnist(
@@ -187,6 +196,13 @@ def pixel_permutation(task: int, seed: int = 0, num_pixels: int = 28 * 28) -> Te
 def permute(images: Tensor, permutation: Tensor) -> Tensor:
     """Images ``[N, H, W]`` with their ``H * W`` pixels reordered by ``permutation``."""
     return images.flatten(1).index_select(1, permutation).view_as(images)
+
+
+def pad_and_permute(images: Tensor, pad: int, permutation: Tensor) -> Tensor:
+    """Images ``[N, H, W]`` with ``pad`` zero rows and columns on every side, then their pixels permuted."""
+    if pad:
+        images = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    return permute(images, permutation)
 
 
 def rotate(images: Tensor, degrees: float) -> Tensor:
