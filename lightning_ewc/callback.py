@@ -59,7 +59,7 @@ class EWCCallback(Callback):
         penalty_via: ``"loss"`` (default): the mixin adds the penalty to the training loss. ``"gradient"``: the
             callback adds the penalty's gradient λ F ⊙ (θ − c) to ``.grad`` in ``on_before_optimizer_step`` (after
             AMP unscaling, before clipping, once per optimizer step, so accumulation, clipping and DDP see the same
-            gradients as with ``"loss"``), about half the penalty's per-step cost (bench/penalty_overhead.py). The
+            gradients as with ``"loss"``), about a third of the penalty's per-step cost (bench/penalty_overhead.py). The
             loss then excludes the penalty: ``ewc/penalty`` is still logged, but an optimizer that re-evaluates the
             loss in a closure (LBFGS) must use ``"loss"``.
     """
@@ -111,6 +111,7 @@ class EWCCallback(Callback):
         self.last_estimate: ImportanceSums | None = None  # sample count and per-parameter route of the last pass
         self._version = 0  # bumped whenever the state changes; invalidates the penalty cache
         self._penalty_cache: tuple | None = None
+        self._owned_cache: tuple | None = None  # (optimizer id, its parameter count, their ids): not rebuilt per step
         self._fit_start_step: int | None = None
         self._stepped = False
 
@@ -323,7 +324,7 @@ class EWCCallback(Callback):
             device = next(pl_module.parameters()).device if any(True for _ in pl_module.parameters()) else None
             return torch.zeros((), device=device)
         if self.penalty_via == "gradient":
-            quadratic = penalty_from_squared(params, first, second).to(params[0].dtype)
+            quadratic = penalty_from_squared(params, first, second)
         else:
             quadratic = quadratic_penalty(first, second, params)
         return (0.5 * self.ewc_lambda) * (quadratic + self.state.constant)
@@ -334,7 +335,7 @@ class EWCCallback(Callback):
             return
         params, fisher, centres = self._aligned(pl_module)
         if optimizer is not None:
-            owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            owned = self._owned_ids(optimizer)
             chosen = [i for i, p in enumerate(params) if p.requires_grad and id(p) in owned]
         else:
             chosen = [i for i, p in enumerate(params) if p.requires_grad]
@@ -348,6 +349,13 @@ class EWCCallback(Callback):
             [centres[i] for i in chosen],
             self.ewc_lambda,
         )
+
+    def _owned_ids(self, optimizer) -> set[int]:
+        count = sum(len(group["params"]) for group in optimizer.param_groups)  # add_param_group changes it
+        if self._owned_cache is None or self._owned_cache[:2] != (id(optimizer), count):
+            owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            self._owned_cache = (id(optimizer), count, owned)
+        return self._owned_cache[2]
 
     def _aligned(self, pl_module: nn.Module) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         key = (id(pl_module), self._version)

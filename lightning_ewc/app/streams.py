@@ -199,7 +199,7 @@ def permute(images: Tensor, permutation: Tensor) -> Tensor:
 
 
 def pad_and_permute(images: Tensor, pad: int, permutation: Tensor) -> Tensor:
-    """Images ``[N, H, W]`` with ``pad`` zero rows and columns on every side, then their pixels permuted."""
+    """Images ``[N, ..., H, W]`` with ``pad`` zero rows and columns on every side, then their pixels permuted."""
     if pad:
         images = torch.nn.functional.pad(images, (pad, pad, pad, pad))
     return permute(images, permutation)
