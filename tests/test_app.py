@@ -77,6 +77,7 @@ def test_experiments_reproduce_the_published_setups():
     assert (permuted.stream.scenario, permuted.stream.num_tasks) == ("domain", 10)
     assert (list(permuted.model.backbone.hidden), permuted.optimizer.lr) == ([1000, 1000], 1e-4)
     assert permuted.train.steps_per_task == 5000
+    assert permuted.stream.pad == 2  # van de Ven's code pads to 32x32 before permuting
     for scenario in ("domain", "class"):
         other = compose_app(f"experiment=split_mnist_{scenario}_il")
         assert (other.stream.scenario, list(other.model.backbone.hidden)) == (scenario, [400, 400])

@@ -42,8 +42,8 @@ def test_benchmark_and_variant_names_follow_the_config():
         "split_mnist/task/2000it/seeded"
     )
     assert benchmark_of(plain("stream=split_mnist", "stream.class_order=[1,0,2,3,4,5,6,7,8,9]")).endswith("/1023456789")
-    assert benchmark_of(plain("experiment=permuted_mnist_10", "stream.pad=2")) == "permuted_mnist/domain/5000it/pad2"
-    assert benchmark_of(plain("experiment=permuted_mnist_10")) == "permuted_mnist/domain/5000it"
+    assert benchmark_of(plain("experiment=permuted_mnist_10")) == "permuted_mnist/domain/5000it/pad2"
+    assert benchmark_of(plain("experiment=permuted_mnist_10", "stream.pad=0")) == "permuted_mnist/domain/5000it"
     hsu = plain("experiment=split_mnist_hsu", "method=finetune")
     assert benchmark_of(hsu) == "split_mnist/task/4ep" and variant_of(hsu) == "finetune"
 
