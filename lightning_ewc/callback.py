@@ -111,7 +111,7 @@ class EWCCallback(Callback):
         self.last_estimate: ImportanceSums | None = None  # sample count and per-parameter route of the last pass
         self._version = 0  # bumped whenever the state changes; invalidates the penalty cache
         self._penalty_cache: tuple | None = None
-        self._owned_cache: tuple | None = None  # (optimizer id, its parameter count, their ids): not rebuilt per step
+        self._owned_cache: tuple | None = None  # (optimizer id, its parameter count, their ids) within one fit
         self._fit_start_step: int | None = None
         self._stepped = False
 
@@ -146,6 +146,7 @@ class EWCCallback(Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._fit_start_step = trainer.global_step
+        self._owned_cache = None  # each fit makes new optimizers, which may reuse a freed one's id()
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.path_integral is not None and not self.path_integral.active:
