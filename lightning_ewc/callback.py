@@ -410,4 +410,4 @@ def _all_reduce(sums: ImportanceSums, trainer) -> ImportanceSums:
         t = sums.sums[n]
         out[n] = flat[offset : offset + t.numel()].view_as(t).to(t.dtype)
         offset += t.numel()
-    return ImportanceSums(out, int(round(flat[-1].item())), sums.routes)
+    return ImportanceSums(out, int(round(flat[-1].item())), sums.routes, sums.fused)

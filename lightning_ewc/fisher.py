@@ -145,6 +145,8 @@ class ImportanceSums:
     sums: dict[str, Tensor]
     count: int
     routes: dict[str, str] = field(default_factory=dict)
+    # (conv, BatchNorm) module names whose per-sample gradients came from the BatchNorm's output gradient alone
+    fused: list[tuple[str, str]] = field(default_factory=list)
 
     def mean(self) -> dict[str, Tensor]:
         if self.count == 0:
@@ -217,7 +219,7 @@ def accumulate_importance(
             acc = PerSampleAccumulator(model, params, checked_logits, "abs" if estimator == "mas" else "sq")
             for batch in batches:
                 acc.add_batch(batch, lambda z, b: output_vectors(estimator, z, lambda: targets_fn(b), generator))
-            result = ImportanceSums(acc.sums, acc.count, dict(acc.report.routes))
+            result = ImportanceSums(acc.sums, acc.count, dict(acc.report.routes), sorted(acc.report.fused))
     finite_or_raise(result.sums, f"the {estimator!r} importance")
     return result
 

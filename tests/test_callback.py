@@ -81,7 +81,7 @@ def test_penalty_is_logged_at_the_trainers_logging_steps_only(task_data, tmp_pat
 
     class Record(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            penalties.append(float(callback.penalty(pl_module)))
+            penalties.append(float(callback.penalty(pl_module).detach()))
 
     net.task = 1
     csv = L.loggers.CSVLogger(tmp_path, name="log")

@@ -277,6 +277,18 @@ class Conv2dStridedNet(nn.Module):
         return self.head(torch.tanh(self.conv(x)).flatten(1))
 
 
+class FirstLayerConvNet(nn.Module):
+    """One input channel: 9 patch elements <= 10 output channels, so the per-sample gradients go through unfold."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 10, 3, stride=2, dilation=2, padding=2)
+        self.head = nn.Linear(10 * 3 * 3, 3)
+
+    def forward(self, x):  # [N, 1, 6, 6] -> [N, 10, 3, 3]
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
 class BatchNorm1dNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -340,6 +352,10 @@ TAP_CASES = {
         Conv2dStridedNet,
         lambda n, g: torch.randn(n, 2, 8, 8, generator=g, dtype=torch.float64),
     ),
+    "conv2d_first_layer_unfold": (
+        FirstLayerConvNet,
+        lambda n, g: torch.randn(n, 1, 6, 6, generator=g, dtype=torch.float64),
+    ),
     "batchnorm1d": (BatchNorm1dNet, lambda n, g: torch.randn(n, 4, generator=g, dtype=torch.float64)),
     "layernorm_3d": (LayerNormNet, lambda n, g: torch.randn(n, 3, 4, generator=g, dtype=torch.float64) * 2 + 1),
     "groupnorm": (GroupNormNet, lambda n, g: torch.randn(n, 4, 5, generator=g, dtype=torch.float64) * 2 + 1),
@@ -365,6 +381,52 @@ def test_tapped_layer_matches_brute_force_on_tap_route(case, estimator):
     assert_matches({n: s / result.count for n, s in result.sums.items()}, ref)
     if case == "embedding_padding_repeats":
         assert torch.count_nonzero(result.sums["emb.weight"][0]) == 0  # padding row
+
+
+class ConvBatchNormNet(nn.Module):
+    """conv -> eval BatchNorm pairs: a one-channel Conv2d without bias (its per-sample gradients go through unfold)
+    then ReLU in place, and a Conv1d; ``skip`` adds the Conv1d's raw output back after its BatchNorm, so that conv's
+    output gradient is not the BatchNorm's alone."""
+
+    def __init__(self, skip: bool = False, freeze_bn: bool = False):
+        super().__init__()
+        self.skip = skip
+        self.conv, self.bn = nn.Conv2d(1, 9, 3, padding=1, bias=False), nn.BatchNorm2d(9)
+        self.conv1d, self.bn1d = nn.Conv1d(9, 3, 3, stride=2), nn.BatchNorm1d(3)
+        self.head = nn.Linear(3 * 7, 3)
+        if freeze_bn:
+            self.bn.requires_grad_(False)
+
+    def forward(self, x):  # [N, 1, 4, 4]
+        h = torch.relu_(self.bn(self.conv(x))).flatten(2)  # [N, 9, 16]
+        z = self.conv1d(h)
+        out = self.bn1d(z) + z if self.skip else self.bn1d(z)
+        return self.head(torch.tanh(out).flatten(1))
+
+
+@pytest.mark.parametrize("estimator", ["exact", "mas"])
+@pytest.mark.parametrize(
+    "variant, fused",
+    [
+        ({}, [("conv", "bn"), ("conv1d", "bn1d")]),
+        # the self-check sees that conv1d's output also feeds the sum, and computes that pair apart
+        ({"skip": True}, [("conv", "bn")]),
+        # a frozen BatchNorm has no tap: its conv is computed on its own
+        ({"freeze_bn": True}, [("conv1d", "bn1d")]),
+    ],
+)
+def test_conv_then_batchnorm_from_batchnorm_output_gradient_matches_brute_force(variant, fused, estimator):
+    model = randomize(ConvBatchNormNet(**variant), seed=8)
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(7, 1, 4, 4, generator=gen, dtype=torch.float64)
+    batches = split(x, torch.randint(0, 3, (7,), generator=gen), sizes=[4, 3])
+
+    ref = reference(model, batches, estimator)
+    result = accumulate_importance(model, batches, estimator)
+
+    assert result.fused == fused
+    assert set(result.routes.values()) == {"tap"}
+    assert_matches({n: s / result.count for n, s in result.sums.items()}, ref)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

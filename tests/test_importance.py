@@ -37,8 +37,8 @@ def test_l2_is_uniform_importance_and_plain_l2_to_previous_weights(data):
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    want = 0.5 * 3.0 * sum(float(((p - a[n]) ** 2).sum()) for a in anchors for n, p in net.named_parameters())
-    assert float(callback.penalty(net)) == pytest.approx(want, rel=1e-5)
+    want = 0.5 * 3.0 * sum(float(((p.detach() - a[n]) ** 2).sum()) for a in anchors for n, p in net.named_parameters())
+    assert float(callback.penalty(net).detach()) == pytest.approx(want, rel=1e-5)
 
 
 def test_mas_is_mean_absolute_gradient_of_squared_output_norm(data):
