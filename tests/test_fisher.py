@@ -384,14 +384,14 @@ def test_tapped_layer_matches_brute_force_on_tap_route(case, estimator):
 
 
 class ConvBatchNormNet(nn.Module):
-    """conv -> eval BatchNorm pairs: a one-channel Conv2d without bias (its per-sample gradients go through unfold)
-    then ReLU in place, and a Conv1d; ``skip`` adds the Conv1d's raw output back after its BatchNorm, so that conv's
-    output gradient is not the BatchNorm's alone."""
+    """conv -> eval BatchNorm pairs: a one-channel Conv2d (its per-sample gradients go through unfold, and BatchNorm's
+    weight through <W, G>) then ReLU in place, and a Conv1d (BatchNorm's weight through Σ g·z); ``skip`` adds the
+    Conv1d's raw output back after its BatchNorm, so that conv's output gradient is not the BatchNorm's alone."""
 
-    def __init__(self, skip: bool = False, freeze_bn: bool = False):
+    def __init__(self, skip: bool = False, freeze_bn: bool = False, conv_bias: bool = False):
         super().__init__()
         self.skip = skip
-        self.conv, self.bn = nn.Conv2d(1, 9, 3, padding=1, bias=False), nn.BatchNorm2d(9)
+        self.conv, self.bn = nn.Conv2d(1, 9, 3, padding=1, bias=conv_bias), nn.BatchNorm2d(9)
         self.conv1d, self.bn1d = nn.Conv1d(9, 3, 3, stride=2), nn.BatchNorm1d(3)
         self.head = nn.Linear(3 * 7, 3)
         if freeze_bn:
@@ -409,6 +409,7 @@ class ConvBatchNormNet(nn.Module):
     "variant, fused",
     [
         ({}, [("conv", "bn"), ("conv1d", "bn1d")]),
+        ({"conv_bias": True}, [("conv", "bn"), ("conv1d", "bn1d")]),
         # the self-check sees that conv1d's output also feeds the sum, and computes that pair apart
         ({"skip": True}, [("conv", "bn")]),
         # a frozen BatchNorm has no tap: its conv is computed on its own
@@ -427,6 +428,28 @@ def test_conv_then_batchnorm_from_batchnorm_output_gradient_matches_brute_force(
     assert result.fused == fused
     assert set(result.routes.values()) == {"tap"}
     assert_matches({n: s / result.count for n, s in result.sums.items()}, ref)
+
+
+@pytest.mark.parametrize("estimator", ["exact", "mas"])
+def test_small_memory_bounds_split_conv_batches_into_chunks_with_the_same_result(monkeypatch, estimator):
+    # Bounds small enough that every conv works on one or two samples at a time and only some unfolded inputs are
+    # kept across the exact Fisher's classes: chunking and the cache must not change the result.
+    from lightning_ewc import per_sample
+
+    model = randomize(ConvBatchNormNet(), seed=8)
+    strided = randomize(Conv2dStridedNet(), seed=3)
+    gen = torch.Generator().manual_seed(9)
+    cases = [
+        (model, torch.randn(7, 1, 4, 4, generator=gen, dtype=torch.float64)),
+        (strided, torch.randn(7, 2, 8, 8, generator=gen, dtype=torch.float64)),
+    ]
+    monkeypatch.setattr(per_sample, "_MAX_BLOCK_ELEMENTS", 200)
+    monkeypatch.setattr(per_sample, "_MAX_CACHED_ELEMENTS", 400)
+    for net, x in cases:
+        batches = split(x, torch.randint(0, 3, (7,), generator=gen), sizes=[4, 3])
+        result = accumulate_importance(net, batches, estimator)
+        assert set(result.routes.values()) == {"tap"}
+        assert_matches({n: s / result.count for n, s in result.sums.items()}, reference(net, batches, estimator))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
