@@ -10,13 +10,15 @@ chosen per parameter, all exact:
    ``g`` at its output (Linear, Conv1d/2d, BatchNorm in eval mode, LayerNorm, GroupNorm, Embedding). One forward
    and one backward *to the layer outputs* per vector ``v`` gives every ``g``. For a Linear layer called once on
    2-D input the per-sample gradient is the outer product ``g_n a_nᵀ``, so ``Σ_n (g_n a_nᵀ)² = (g²)ᵀ(a²)`` and
-   ``Σ_n |g_n a_nᵀ| = |g|ᵀ|a|``: one matrix product, nothing materialised.
+   ``Σ_n |g_n a_nᵀ| = |g|ᵀ|a|``: one matrix product, nothing materialised. A conv whose output goes straight into
+   an eval-mode BatchNorm gets both layers' gradients from the BatchNorm's output gradient, so the backward stops
+   there (``_conv_bn_sums``).
 2. **vmap**: ``torch.func.vmap(grad(...))`` over the samples, for every other parameter.
 3. **loop**: one sample at a time, when vmap cannot trace the model (data-dependent Python, ``.item()``, ...).
 
 A first-batch self-check compares the taps' summed gradient with autograd's batch gradient, so a tapped weight that
 is also used outside its module (tied weights through ``F.linear``) moves to the exact fallback instead of being
-silently wrong.
+silently wrong, and a conv whose output also feeds something besides its BatchNorm is computed on its own.
 """
 
 from __future__ import annotations
