@@ -452,6 +452,25 @@ def test_small_memory_bounds_split_conv_batches_into_chunks_with_the_same_result
         assert_matches({n: s / result.count for n, s in result.sums.items()}, reference(net, batches, estimator))
 
 
+@pytest.mark.parametrize("estimator", ["exact", "empirical"])
+def test_app_cnn_on_mnist_matches_brute_force_with_both_blocks_fused(mnist_dir, estimator):
+    # The app's CNN (conv, BatchNorm, ReLU, max-pool, twice) on real digits: the model the conv routes were built for.
+    from lightning_ewc.app.models import CNN
+    from lightning_ewc.data.idx import load_idx_dataset
+
+    images, labels = load_idx_dataset("MNIST", train=False, root=mnist_dir)
+    backbone = CNN((1, 28, 28), channels=(4, 6), hidden=8)
+    model = randomize(nn.Sequential(backbone, nn.Linear(8, 10)), seed=11, std=0.3)
+    x = images[:6].double().div(255).unsqueeze(1)
+    batches = split(x, labels[:6], sizes=[4, 2])
+
+    result = accumulate_importance(model, batches, estimator)
+
+    assert result.fused == [("0.features.0", "0.features.1"), ("0.features.4", "0.features.5")]
+    assert set(result.routes.values()) == {"tap"}
+    assert_matches({n: s / result.count for n, s in result.sums.items()}, reference(model, batches, estimator))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 3. Fallback routes
 # ----------------------------------------------------------------------------------------------------------------------
