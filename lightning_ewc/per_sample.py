@@ -469,8 +469,8 @@ class PerSampleAccumulator:
         pairs = []
         for bn in taps:
             if isinstance(bn.rule, _BatchNormRule) and len(bn.calls) == 1:
-                conv = convs.get(id(bn.calls[0].graph_input))
-                if conv is not None and conv.calls[0].output is bn.calls[0].graph_input:
+                conv = convs.get(id(bn.calls[0].graph_input))  # both tensors are alive: ids cannot collide
+                if conv is not None:
                     pairs.append((conv, bn))
         return pairs
 
