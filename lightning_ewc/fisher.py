@@ -7,7 +7,7 @@ every estimator is "backpropagate a vector v_n from the logits and square the pe
 ========== ===================================================================== ==============================
 estimator  F_i =                                                                  vectors v_n per sample
 ========== ===================================================================== ==============================
-exact      E_x Σ_c p(c|x) (∂ log p(c|x)/∂θ_i)²                                    √p_c (e_c − p), c = 1..C
+exact      E_x Σ_c p(c|x) (∂ log p(c|x)/∂θ_i)²                                    C − 1 factors of diag(p) − ppᵀ
 sampled    E_x (∂ log p(ŷ|x)/∂θ_i)², ŷ ~ p(·|x)                                  e_ŷ − p
 empirical  E_(x,y) (∂ log p(y|x)/∂θ_i)², y the true label                         e_y − p
 batched    mean over mini-batches of (∂ mean_b log p(y|x)/∂θ_i)²                  (no per-sample gradients)
@@ -124,8 +124,7 @@ def output_vectors(
         return [(2 * z).to(logits.dtype)]
     p = torch.softmax(z, dim=1)
     if estimator == "exact":
-        eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
-        return [(p[:, c : c + 1].sqrt() * (eye[c] - p)).to(logits.dtype) for c in range(p.shape[1])]
+        return [v.to(logits.dtype) for v in exact_vectors(p).unbind(1)]
     if estimator == "sampled":
         labels = torch.multinomial(p.cpu(), 1, generator=generator).squeeze(1).to(p.device)
     elif estimator == "empirical":
@@ -133,6 +132,33 @@ def output_vectors(
     else:
         raise ValueError(f"unknown per-sample estimator {estimator!r}; choose one of {PER_SAMPLE_IMPORTANCES}")
     return [(torch.nn.functional.one_hot(labels, p.shape[1]).to(p.dtype) - p).to(logits.dtype)]
+
+
+def exact_vectors(p: Tensor) -> Tensor:
+    """C − 1 vectors per sample, [N, C − 1, C], whose outer products sum to the softmax's covariance diag(p) − ppᵀ.
+
+    The exact Fisher of a sample is Jᵀ (diag(p) − ppᵀ) J, J the Jacobian of the logits, so its diagonal is
+    Σ_k (Jᵀ w_k)² for any w_k with Σ_k w_k w_kᵀ = diag(p) − ppᵀ. The obvious choice, √p_c (e_c − p) for every
+    class, takes C backward passes; the matrix has rank C − 1 (its rows sum to zero), so C − 1 suffice: a
+    binary head needs one, like ``empirical``. We use the Cholesky factor of the multinomial covariance (stick-breaking):
+    with the classes ordered so the most probable comes last and s_k = Σ_{j ≥ k} p_j,
+    w_k = √(p_k s_{k+1} / s_k) (e_k − Σ_{j > k} p_j e_j / s_{k+1}). Every s is at least the largest p ≥ 1/C, so
+    nothing divides by a small number, and s is summed from the small end so nothing cancels.
+    """
+    p = p.double()
+    p = p / p.sum(dim=1, keepdim=True)  # the factors assume Σ p = 1; a float32 softmax is off by rounding
+    n, classes = p.shape
+    ordered, order = torch.sort(p, dim=1)  # ascending: the most probable class last
+    remaining = ordered.flip(1).cumsum(1).flip(1)  # s_k = Σ_{j ≥ k} p_j
+    after = remaining[:, 1:]  # s_{k+1}, k = 1..C − 1
+    scale = (ordered[:, :-1] * after / remaining[:, :-1]).sqrt()  # [N, C − 1]
+    k = torch.arange(classes - 1, device=p.device)
+    later = k[:, None] < torch.arange(classes, device=p.device)[None, :]  # [C − 1, C]: class j comes after k
+    sorted_vectors = torch.where(later, -(scale / after)[:, :, None] * ordered[:, None, :], 0.0)
+    sorted_vectors[:, k, k] = scale
+    vectors = torch.empty_like(sorted_vectors)
+    vectors.scatter_(2, order[:, None, :].expand(n, classes - 1, classes), sorted_vectors)
+    return vectors
 
 
 # ----------------------------------------------------------------------------------------------------------------------

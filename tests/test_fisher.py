@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_ewc.fisher import FISHER_ESTIMATORS, accumulate_importance, estimate_fisher
+from lightning_ewc.fisher import FISHER_ESTIMATORS, accumulate_importance, estimate_fisher, exact_vectors
 
 RTOL = 1e-5
 
@@ -194,6 +194,31 @@ def test_estimator_matches_brute_force_and_leaves_model_state_untouched(estimato
     # off it).
     routes = accumulate_importance(model, loader, "exact", logits_fn=logits_fn).routes
     assert routes == {name: "tap" for name, _ in model.named_parameters()}
+
+
+@pytest.mark.parametrize("classes", [2, 3, 10])
+def test_exact_vectors_are_c_minus_1_factors_of_the_softmax_covariance(classes):
+    # Flat, peaked, and saturated rows: the softmax underflows to exact zeros in the last ones, and ties.
+    gen = torch.Generator().manual_seed(classes)
+    scales = torch.tensor([0.0, 0.1, 3.0, 30.0, 3000.0, 30000.0], dtype=torch.float64)[:, None]
+    z = torch.randn(6, classes, generator=gen, dtype=torch.float64) * scales
+    p = torch.softmax(z, dim=1)
+    assert (p == 0).any() and (p[0] == p[0, 0]).all()
+
+    v = exact_vectors(p)
+
+    assert v.shape == (6, classes - 1, classes)
+    assert torch.isfinite(v).all()
+    covariance = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    assert torch.allclose(torch.einsum("nkc,nkd->ncd", v, v), covariance, rtol=0, atol=1e-15)
+
+
+def test_exact_fisher_of_a_binary_head_matches_brute_force():
+    # One backward pass instead of two: the covariance of a 2-class softmax is p0 p1 (e0 - e1)(e0 - e1)ᵀ.
+    model = randomize(ConvMultiHead(classes=2), seed=4)
+    x = torch.randn(5, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    batches = split(x, torch.zeros(5, dtype=torch.long), sizes=[3, 2])
+    assert_matches(estimate_fisher(model, batches, "exact"), brute_force(model, batches, "exact"))
 
 
 def test_sampled_estimator_uses_drawn_labels_not_true_or_argmax_labels():
