@@ -140,13 +140,15 @@ def exact_vectors(p: Tensor) -> Tensor:
     The exact Fisher of a sample is Jᵀ (diag(p) − ppᵀ) J, J the Jacobian of the logits, so its diagonal is
     Σ_k (Jᵀ w_k)² for any w_k with Σ_k w_k w_kᵀ = diag(p) − ppᵀ. The obvious choice, √p_c (e_c − p) for every
     class, takes C backward passes; the matrix has rank C − 1 (its rows sum to zero), so C − 1 suffice: a
-    binary head needs one, like ``empirical``. We use the Cholesky factor of the multinomial covariance (stick-breaking):
-    with the classes ordered so the most probable comes last and s_k = Σ_{j ≥ k} p_j,
-    w_k = √(p_k s_{k+1} / s_k) (e_k − Σ_{j > k} p_j e_j / s_{k+1}). Every s is at least the largest p ≥ 1/C, so
-    nothing divides by a small number, and s is summed from the small end so nothing cancels.
+    binary head needs one, like ``empirical``. We use the Cholesky factor of the multinomial covariance
+    (stick-breaking): with the classes ordered so the most probable comes last and s_k = Σ_{j ≥ k} p_j,
+    w_k = √(p_k s_{k+1} / s_k) (e_k − Σ_{j > k} p_j e_j / s_{k+1}). Every s is a sum of positive terms and at least
+    the largest p ≥ 1/C, so nothing cancels or divides by a small number, and float32 keeps each entry of
+    diag(p) − ppᵀ to 1e-5 of its row and column scale even for saturated predictions (tests/test_fisher.py).
+    Computed in the dtype of ``p`` (float32 at least): float64 is not available on every accelerator.
     """
-    p = p.double()
-    p = p / p.sum(dim=1, keepdim=True)  # the factors assume Σ p = 1; a float32 softmax is off by rounding
+    p = p.float() if p.dtype in (torch.float16, torch.bfloat16) else p
+    p = p / p.sum(dim=1, keepdim=True)  # the factors assume Σ p = 1; a softmax is off by rounding
     n, classes = p.shape
     ordered, order = torch.sort(p, dim=1)  # ascending: the most probable class last
     remaining = ordered.flip(1).cumsum(1).flip(1)  # s_k = Σ_{j ≥ k} p_j

@@ -100,7 +100,7 @@ def test_penalty_grows_as_weights_leave_the_anchor(task_data):
     net, callback = TaskNet(hidden=32), EWCCallback(ewc_lambda=100.0)
     fit_task(net, callback, task_data, 0)
     fit_task(net, callback, task_data, 1, max_steps=6)
-    penalty = float(callback.penalty(net))
+    penalty = float(callback.penalty(net).detach())
     names = list(callback.state.importance)
     by_hand = 0.5 * 100.0 * sum(
         float((callback.state.importance[n] * (dict(net.named_parameters())[n] - callback.state.centre[n]) ** 2).sum())
