@@ -149,7 +149,7 @@ def test_online_is_decayed_sum_anchored_at_latest(gamma):
     theta = {n: torch.randn(s, requires_grad=True) for n, s in SHAPES.items()}
     value = state_penalty(state, theta)
     want = sum((state.importance[n] * (theta[n] - tasks[-1][1][n]).square()).sum() for n in SHAPES)
-    assert float(value) == pytest.approx(float(want), rel=1e-6)
+    assert float(value.detach()) == pytest.approx(float(want.detach()), rel=1e-6)
     grads = torch.autograd.grad(value, list(theta.values()))
     for g, n in zip(grads, SHAPES):
         torch.testing.assert_close(g, 2 * state.importance[n] * (theta[n].detach() - tasks[-1][1][n]))
@@ -177,7 +177,7 @@ def test_penalty_through_callback_matches_formula_with_lambda_half():
         callback.state.consolidate(importance, anchor)
     value = callback.penalty(model)
     want = 0.5 * 7.0 * per_task_penalty(tasks, {n: p.detach() for n, p in model.named_parameters()})
-    assert float(value) == pytest.approx(float(want), rel=1e-5)
+    assert float(value.detach()) == pytest.approx(float(want), rel=1e-5)
     value.backward()
     theta64 = {n: p.detach().double().requires_grad_() for n, p in model.named_parameters()}
     want_grads = torch.autograd.grad(0.5 * 7.0 * per_task_penalty(tasks, theta64), list(theta64.values()))
