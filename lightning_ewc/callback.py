@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import DataLoader
 
 from lightning_ewc._lightning import Callback, rank_zero_info, rank_zero_warn
 from lightning_ewc.consolidation import (
@@ -18,15 +19,12 @@ from lightning_ewc.consolidation import (
     check_mode,
     penalty_from_squared,
     quadratic_penalty,
+    require_keys,
 )
-from lightning_ewc.fisher import (
-    FISHER_ESTIMATORS,
-    ImportanceSums,
-    accumulate_importance,
-    limit_samples,
-    move_to_device,
-)
+from lightning_ewc.distributed import on_every_rank, rank_batches, rank_of
+from lightning_ewc.fisher import FISHER_ESTIMATORS, ImportanceSums, accumulate_importance
 from lightning_ewc.importance import IMPORTANCES, PathIntegral, uniform_importance
+from lightning_ewc.structure import structure_generation
 
 FisherData = DataLoader | Callable[[Any], Iterable] | None
 PENALTY_VIA = ("loss", "gradient")
@@ -80,8 +78,6 @@ class EWCCallback(Callback):
         seed: int = 0,
         penalty_via: str = "loss",
     ) -> None:
-        if not isinstance(ewc_lambda, (int, float)) or ewc_lambda < 0:
-            raise ValueError(f"ewc_lambda must be a number >= 0 (the penalty strength λ); got {ewc_lambda!r}")
         check_mode(mode, gamma)
         if importance not in IMPORTANCES:
             raise ValueError(f"unknown importance {importance!r}; choose one of {IMPORTANCES}")
@@ -96,7 +92,7 @@ class EWCCallback(Callback):
             )
         if isinstance(include, str) or isinstance(exclude, str):
             raise TypeError("include/exclude take a list of glob patterns, e.g. exclude=['heads.*']")
-        self.ewc_lambda = float(ewc_lambda)
+        self.ewc_lambda = ewc_lambda
         self.importance_name = importance
         self.fisher = fisher
         self.num_samples = num_samples
@@ -113,11 +109,21 @@ class EWCCallback(Callback):
         self._penalty_cache: tuple | None = None
         self._owned_cache: tuple | None = None  # (optimizer id, its parameter count, their ids) within one fit
         self._fit_start_step: int | None = None
-        self._stepped = False
 
     # ------------------------------------------------------------------------------------------------------------------
     # Properties
     # ------------------------------------------------------------------------------------------------------------------
+    @property
+    def ewc_lambda(self) -> float:
+        """λ, the strength of the penalty; may be changed between tasks (a finite number >= 0)."""
+        return self._ewc_lambda
+
+    @ewc_lambda.setter
+    def ewc_lambda(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"ewc_lambda must be a finite number >= 0 (the penalty strength λ); got {value!r}")
+        self._ewc_lambda = float(value)
+
     @property
     def mode(self) -> str:
         return self.state.mode
@@ -145,29 +151,31 @@ class EWCCallback(Callback):
             )
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        # here rather than in setup(): a module may create its parameters in configure_model, which comes after
+        self._check_patterns(pl_module)
         self._fit_start_step = trainer.global_step
         self._owned_cache = None  # each fit makes new optimizers, which may reuse a freed one's id()
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if self.path_integral is not None and not self.path_integral.active:
-            self.path_integral.begin_task(self.selected_parameters(pl_module))
+        if self.path_integral is not None:
+            if not self.path_integral.active:
+                self.path_integral.begin_task(self.selected_parameters(pl_module))
+            self.path_integral.watch(trainer.optimizers, lambda: self.selected_parameters(pl_module))
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.penalty_via == "gradient":
-            self.add_penalty_gradient(pl_module, optimizer)  # first: SI below must see the same gradient either way
-        if self.path_integral is not None and self.path_integral.active:
-            self.path_integral.before_step(self.selected_parameters(pl_module))
-            self._stepped = True
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._stepped and self.path_integral is not None:
-            self.path_integral.after_step(self.selected_parameters(pl_module))
-            self._stepped = False
+            self.add_penalty_gradient(pl_module, optimizer)
 
     def on_train_end(self, trainer, pl_module) -> None:
         # on_train_end, not on_fit_end: the strategy's teardown (model moved to CPU, DDP process group) comes between.
+        if self.path_integral is not None:
+            self.path_integral.unwatch()
         if trainer.global_step != self._fit_start_step:
             self.consolidate(pl_module, trainer=trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self.path_integral is not None:
+            self.path_integral.unwatch()  # the optimizers may be stepped again outside this fit
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if trainer.global_step == self._fit_start_step:
@@ -183,6 +191,7 @@ class EWCCallback(Callback):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        require_keys(state_dict, ("consolidated", "importance"), "EWCCallback's state")
         loaded = ConsolidatedState.from_state_dict(state_dict["consolidated"])
         if (loaded.mode, state_dict["importance"]) != (self.state.mode, self.importance_name):
             raise ValueError(
@@ -190,10 +199,18 @@ class EWCCallback(Callback):
                 f"this EWCCallback has mode={self.state.mode!r}, importance={self.importance_name!r}; construct the "
                 "callback with the checkpoint's settings to resume"
             )
+        if self.path_integral is not None and "path_integral" in state_dict:
+            self.path_integral.load_state_dict(state_dict["path_integral"])  # validated before anything changes
+        if loaded.mode == "online" and loaded.gamma != self.state.gamma:
+            rank_zero_warn(
+                f"EWCCallback: the checkpoint was saved with gamma={loaded.gamma} but this callback has "
+                f"gamma={self.state.gamma}; this callback's gamma decays the importance from the next consolidation on "
+                "(the importance already accumulated is kept as saved). Construct the callback with "
+                f"gamma={loaded.gamma} to resume exactly as before."
+            )
+            loaded.gamma = self.state.gamma
         loaded.hold_squared(self.penalty_via == "gradient")
         self.state = loaded
-        if self.path_integral is not None and "path_integral" in state_dict:
-            self.path_integral.load_state_dict(state_dict["path_integral"])
         self._version += 1
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -208,12 +225,29 @@ class EWCCallback(Callback):
             return False
         return not any(fnmatch.fnmatchcase(name, pat) for pat in self.exclude)
 
+    def _check_patterns(self, pl_module: nn.Module) -> None:
+        """A pattern that matches no parameter name is a typo that would silently change what is consolidated."""
+        names = [name for name, _ in pl_module.named_parameters()]
+        unmatched = [
+            (kind, pat)
+            for kind, patterns in (("include", self.include or ()), ("exclude", self.exclude))
+            for pat in patterns
+            if not any(fnmatch.fnmatchcase(name, pat) for name in names)
+        ]
+        if unmatched:
+            raise ValueError(
+                f"EWCCallback: {', '.join(f'{kind} pattern {pat!r}' for kind, pat in unmatched)} matches no parameter "
+                f"of {type(pl_module).__name__}; parameter names look like {names[:6]} (glob patterns on the names "
+                "of named_parameters(), e.g. 'heads.*')"
+            )
+
     def consolidate(self, pl_module: nn.Module, dataloader: FisherData = None, trainer=None) -> None:
         """Ends a task by hand: snapshot the weights and add their importance to the state.
 
         Called automatically at the end of every ``fit``; call it yourself from custom loops. ``dataloader``
         overrides where the importance is estimated (default: ``fisher_dataloader``, else the fit's training data).
         """
+        self._check_patterns(pl_module)
         params = self.selected_parameters(pl_module)
         if not params:
             raise ValueError(
@@ -222,7 +256,10 @@ class EWCCallback(Callback):
             )
         started = time.perf_counter()
         importance, detail = self._estimate(pl_module, params, dataloader, trainer)
-        self.state.consolidate(importance, {name: p.detach() for name, p in params.items()})
+        what = f"the {self.importance_name!r} importance" if self.importance_name != "fisher" else (
+            f"the {self.fisher!r} Fisher"
+        )
+        self.state.consolidate(importance, {name: p.detach() for name, p in params.items()}, what=what)
         if self.path_integral is not None:
             self.path_integral.end_task()
         self._version += 1
@@ -243,24 +280,35 @@ class EWCCallback(Callback):
                 )
             return self.path_integral.importance(params), ""
         estimator = "mas" if self.importance_name == "mas" else self.fisher
-        batches, world = self._estimation_batches(pl_module, dataloader, trainer)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.state.num_tasks * 7919 + _rank(trainer))
-        sums = accumulate_importance(
-            pl_module,
-            batches,
-            estimator,
-            params=params,
-            logits_fn=pl_module.ewc_logits,
-            targets_fn=pl_module.ewc_targets,
-            generator=generator,
-        )
-        if world > 1:
-            sums = _all_reduce(sums, trainer)
+        source = self._estimation_source(dataloader, trainer)
+        task = self.state.num_tasks
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + task * 7919 + rank_of(trainer))
+
+        def this_rank() -> ImportanceSums:
+            batches = rank_batches(
+                source,
+                trainer,
+                next(pl_module.parameters()).device,
+                num_samples=self.num_samples,
+                batch_size=self.fisher_batch_size,
+                subset_seed=self.seed + 1 + task,
+            )
+            return accumulate_importance(
+                pl_module,
+                batches,
+                estimator,
+                params=params,
+                logits_fn=pl_module.ewc_logits,
+                targets_fn=pl_module.ewc_targets,
+                generator=generator,
+            )
+
+        sums = on_every_rank(this_rank, trainer, f"estimating the {estimator!r} importance of task {task + 1}")
         self.last_estimate = sums
         routes = sorted(set(sums.routes.values()))
         return sums.mean(), f", {sums.count} {'batches' if estimator == 'batched' else 'samples'}, {'+'.join(routes)}"
 
-    def _estimation_batches(self, pl_module, dataloader, trainer) -> tuple[Iterable, int]:
+    def _estimation_source(self, dataloader: FisherData, trainer) -> DataLoader | Iterable:
         source = dataloader if dataloader is not None else self.fisher_dataloader
         if source is not None and not isinstance(source, DataLoader) and callable(source):
             source = source(trainer)
@@ -276,41 +324,7 @@ class EWCCallback(Callback):
                     f"the fit used {type(source).__name__} as training data (several dataloaders?); EWCCallback cannot "
                     "tell which one is the task: pass `fisher_dataloader=` to EWCCallback"
                 )
-        world = trainer.world_size if trainer is not None else 1
-        rank = _rank(trainer)
-        if isinstance(source, DataLoader) and _is_map_style(source.dataset):
-            loader = self._shard(source, rank, world)
-            limit = None  # the shard already holds the (sub)sample
-        else:
-            # An iterable dataset cannot be indexed; each rank reads its own stream, up to its share of num_samples.
-            loader = source
-            limit = None if self.num_samples is None else -(-self.num_samples // world)
-        if trainer is not None:
-            transfer = trainer.strategy.batch_to_device
-        else:
-            device = next(pl_module.parameters()).device
-            transfer = lambda b: move_to_device(b, device)  # noqa: E731
-        return (transfer(batch) for batch in limit_samples(loader, limit)), world
-
-    def _shard(self, source: DataLoader, rank: int, world: int) -> DataLoader:
-        """This rank's contiguous share of the (sub)sampled indices: no DistributedSampler padding, no duplicates."""
-        n = len(source.dataset)
-        if self.num_samples is not None and self.num_samples < n:
-            generator = torch.Generator().manual_seed(self.seed + 1 + self.state.num_tasks)
-            indices = torch.randperm(n, generator=generator)[: self.num_samples].sort().values.tolist()
-        else:
-            indices = list(range(n))
-        per_rank = -(-len(indices) // world)
-        shard = indices[rank * per_rank : (rank + 1) * per_rank]
-        batch_size = self.fisher_batch_size or source.batch_size or 128
-        return DataLoader(
-            Subset(source.dataset, shard),
-            batch_size=batch_size,
-            shuffle=False,
-            collate_fn=source.collate_fn,
-            num_workers=source.num_workers,
-            pin_memory=source.pin_memory,
-        )
+        return source
 
     # ------------------------------------------------------------------------------------------------------------------
     # Penalty
@@ -359,13 +373,23 @@ class EWCCallback(Callback):
         return self._owned_cache[2]
 
     def _aligned(self, pl_module: nn.Module) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        key = (id(pl_module), self._version)
-        if self._penalty_cache is not None and self._penalty_cache[0] == key:
-            return self._penalty_cache[1]
+        """The consolidated parameters and their state (√F or F, and the centre) on each parameter's device.
+
+        Cached between steps; the cache is keyed on the parameter tensors themselves: a module or parameter
+        registered anywhere since (a new head, a replaced layer) or a parameter whose shape changed rebuilds it, so
+        the shape check below and the gradient to the new tensor are never skipped. The state itself is never
+        touched: the copies on another device live only in the cache."""
+        generation = structure_generation()
+        cached = self._penalty_cache
+        if (
+            cached is not None
+            and cached[0] == (id(pl_module), self._version, generation)
+            and all(p.shape == shape for p, shape in zip(cached[1][0], cached[2]))
+        ):
+            return cached[1]
         named = dict(pl_module.named_parameters())
         # √F for the loss-side penalty, F for the gradient-side one
         firsts = self.state.fisher if self.state.squared else self.state.root_importance
-        seconds = self.state.centre
         params, roots, centres = [], [], []
         for name, root in firsts.items():
             if not self._selects(name):
@@ -382,32 +406,9 @@ class EWCCallback(Callback):
                     f"EWC cannot anchor a resized parameter. Give new classes a new parameter (e.g. a new head "
                     f"module), or leave it out with exclude=[{name!r}]"
                 )
-            firsts[name] = root.to(device=p.device, dtype=p.dtype)
-            seconds[name] = seconds[name].to(device=p.device, dtype=p.dtype)
             params.append(p)
-            roots.append(firsts[name])
-            centres.append(seconds[name])
-        self._penalty_cache = (key, (params, roots, centres))
-        return params, roots, centres
-
-
-def _rank(trainer) -> int:
-    return trainer.global_rank if trainer is not None else 0
-
-
-def _is_map_style(dataset: Dataset) -> bool:
-    return not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
-
-
-def _all_reduce(sums: ImportanceSums, trainer) -> ImportanceSums:
-    """Sums and counts over ranks in one collective, so that F = Σ_ranks sums / Σ_ranks counts."""
-    names = list(sums.sums)
-    flat = torch.cat([sums.sums[n].reshape(-1).double() for n in names] + [torch.tensor([float(sums.count)])
-                     .to(sums.sums[names[0]].device).double()])
-    flat = trainer.strategy.reduce(flat, reduce_op="sum")
-    out, offset = {}, 0
-    for n in names:
-        t = sums.sums[n]
-        out[n] = flat[offset : offset + t.numel()].view_as(t).to(t.dtype)
-        offset += t.numel()
-    return ImportanceSums(out, int(round(flat[-1].item())), sums.routes, sums.fused)
+            roots.append(root.to(p.device))  # float32 always: the penalty's arithmetic dtype
+            centres.append(self.state.centre[name].to(p.device))
+        aligned = (params, roots, centres)
+        self._penalty_cache = ((id(pl_module), self._version, generation), aligned, [p.shape for p in params])
+        return aligned

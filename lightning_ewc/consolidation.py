@@ -10,6 +10,11 @@ so the state is two parameter-sized tensors (total importance, centre) and one s
 Welford's running mean (no Σ F θ² that would cancel catastrophically). Where the total importance is zero the centre
 is irrelevant; it is set to the latest anchor.
 
+The state is float32 whatever the parameters' dtype: an importance of 1e-9 is 0 in float16, and a bfloat16 centre
+would round each anchor to 3 significant digits. The penalty is computed in float32 as well (float64 parameters keep
+float64 arithmetic); only its gradient is cast to the parameters' dtype. Merges run in float64 on the CPU and in
+float32 elsewhere, since not every accelerator has float64 (MPS has none).
+
 ``online`` (Schwarz et al. 2018): F̃ ← γ F̃ + F_t, anchored at the latest θ*_t, no constant.
 
 The penalty is (λ/2) (Σ_i F_i (θ_i − c_i)² + const), computed with one fused pass over all parameters; or, applied
@@ -19,11 +24,14 @@ which the state holds F instead of √F.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from lightning_ewc.per_sample import finite_or_raise
 
 MODES = ("separate", "online")
 
@@ -32,8 +40,9 @@ def merge_separate(
     importance: Tensor, centre: Tensor, new_importance: Tensor, new_anchor: Tensor
 ) -> tuple[Tensor, Tensor, float]:
     """Adds the quadratic ``F_new (θ − θ_new)²`` to ``F (θ − c)²``; returns (F', c', constant added)."""
-    f_old, c_old = importance.double(), centre.double()
-    f_new, anchor = new_importance.double(), new_anchor.double()
+    wide = merge_dtype(importance.device)
+    f_old, c_old = importance.to(wide), centre.to(wide)
+    f_new, anchor = new_importance.to(wide), new_anchor.to(wide)
     total = f_old + f_new
     delta = anchor - c_old
     positive = total > 0
@@ -42,6 +51,11 @@ def merge_separate(
     merged_centre = c_old + weight_new * delta
     added = torch.where(positive, f_old * f_new / safe_total * delta.square(), torch.zeros_like(total)).sum()
     return total.to(importance.dtype), merged_centre.to(centre.dtype), float(added)
+
+
+def merge_dtype(device: torch.device) -> torch.dtype:
+    """float64 where it is cheap and everywhere available (the CPU), float32 on accelerators (MPS has no float64)."""
+    return torch.float64 if device.type == "cpu" else torch.float32
 
 
 def merge_online(importance: Tensor, new_importance: Tensor, new_anchor: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
@@ -94,8 +108,16 @@ class ConsolidatedState:
             target[name] = value.square() if squared else value.sqrt()
         self.squared = squared
 
-    def consolidate(self, importance: dict[str, Tensor], anchor: dict[str, Tensor]) -> None:
-        """Adds one task: its importance and its weights at the end of the task (same keys)."""
+    def consolidate(self, importance: dict[str, Tensor], anchor: dict[str, Tensor], what: str = "the importance") -> None:
+        """Adds one task: its importance and its weights at the end of the task (same keys).
+
+        Non-finite values in either are refused before anything changes (``what`` names the importance in the
+        message), so a failed task leaves the state as it was."""
+        missing = sorted(set(importance) ^ set(anchor))
+        if missing:
+            raise KeyError(f"importance and anchor must name the same parameters; only one of them has {missing}")
+        finite_or_raise(importance, what)
+        finite_or_raise(anchor, "the weights to anchor at")
         squared = self.squared
         self.hold_squared(False)  # the merges below read √F; the switch costs once per task
         try:
@@ -105,8 +127,8 @@ class ConsolidatedState:
 
     def _consolidate(self, importance: dict[str, Tensor], anchor: dict[str, Tensor]) -> None:
         for name, f_new in importance.items():
-            theta = anchor[name].detach()
-            f_new = f_new.detach().to(device=theta.device, dtype=theta.dtype)
+            theta = anchor[name].detach().float()
+            f_new = f_new.detach().to(device=theta.device, dtype=torch.float32)
             if name in self.root_importance and self.root_importance[name].shape != theta.shape:
                 raise ValueError(
                     f"parameter {name!r} has shape {tuple(theta.shape)} but was consolidated with shape "
@@ -142,13 +164,42 @@ class ConsolidatedState:
 
     @classmethod
     def from_state_dict(cls, state: dict) -> ConsolidatedState:
+        """The state saved by :meth:`state_dict`; one with missing entries, or an importance without its centre (or
+        the other way round, or of another shape), is refused with a message naming what is wrong."""
+        require_keys(state, ("mode", "gamma", "importance", "centre", "constant", "num_tasks"), "the EWC state")
+        importance, centre = state["importance"], state["centre"]
+        unpaired = sorted(set(importance) ^ set(centre))
+        if unpaired:
+            raise ValueError(
+                f"the EWC state in the checkpoint is incomplete: {unpaired} have an importance but no centre, or a "
+                "centre but no importance; the checkpoint was edited or written by something else: resume from "
+                "another checkpoint, or start this callback afresh"
+            )
+        for name, f in importance.items():
+            if f.shape != centre[name].shape:
+                raise ValueError(
+                    f"the EWC state in the checkpoint is inconsistent: {name!r} has importance of shape "
+                    f"{tuple(f.shape)} but centre of shape {tuple(centre[name].shape)}"
+                )
         return cls(
             mode=state["mode"],
             gamma=state["gamma"],
-            root_importance={name: f.sqrt() for name, f in state["importance"].items()},
-            centre=dict(state["centre"]),
+            root_importance={name: f.float().sqrt() for name, f in importance.items()},
+            centre={name: c.float() for name, c in centre.items()},
             constant=float(state["constant"]),
             num_tasks=int(state["num_tasks"]),
+        )
+
+
+def require_keys(state: Any, keys: Sequence[str], what: str) -> None:
+    """Refuses a saved state that is not a mapping holding ``keys``, naming the missing ones."""
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{what} in the checkpoint must be a dict, got {type(state).__name__}")
+    missing = [key for key in keys if key not in state]
+    if missing:
+        raise ValueError(
+            f"{what} in the checkpoint lacks {missing} (it has {sorted(state)}); it was written by another version "
+            "or edited: resume from another checkpoint, or start afresh"
         )
 
 
@@ -163,16 +214,19 @@ def check_mode(mode: str, gamma: float) -> None:
 
 
 class _FusedQuadratic(torch.autograd.Function):
-    """Σ_i F_i (θ_i − c_i)² = ‖√F ⊙ (θ − c)‖² over a list of tensors in a few fused ``torch._foreach_*`` kernels.
+    """Σ_i F_i (θ_i − c_i)² = ‖√F ⊙ (θ − c)‖² over a list of tensors in a few fused ``torch._foreach_*`` kernels, in
+    float32 for half-precision parameters (the gradient is cast back to their dtype by autograd).
 
     Written by hand because autograd through the foreach ops would keep every intermediate; here one temporary
     e = √F ⊙ (θ − c) serves the value and then becomes the gradient 2 √F ⊙ e in place (a fresh parameter-sized
-    tensor costs page faults on CPU, so the backward allocates none).
+    tensor costs page faults on CPU, so the backward allocates none). Under ``create_graph=True`` (a Hessian-vector
+    product, a gradient penalty) the backward is built from differentiable operations instead, so that second
+    derivatives (2 F on the diagonal) are right rather than silently zero.
     """
 
     @staticmethod
     def forward(ctx, roots: Sequence[Tensor], centres: Sequence[Tensor], *params: Tensor) -> Tensor:
-        scaled = torch._foreach_sub(params, centres)
+        scaled = torch._foreach_sub(at_least_float32(params), centres)
         torch._foreach_mul_(scaled, roots)
         ctx.scaled, ctx.roots, ctx.centres = scaled, roots, centres
         ctx.save_for_backward(*params)
@@ -181,13 +235,24 @@ class _FusedQuadratic(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         params = ctx.saved_tensors  # unpacking checks that no parameter changed in place since the forward
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that is itself differentiable
+            grads = [
+                2 * grad_output * r.square() * (p - c)
+                for p, r, c in zip(at_least_float32(params), ctx.roots, ctx.centres)
+            ]
+            return (None, None, *grads)
         grads, ctx.scaled = ctx.scaled, None
         if grads is None:  # a second backward through a retained graph: e was used up by the first
-            grads = torch._foreach_sub(params, ctx.centres)
+            grads = torch._foreach_sub(at_least_float32(params), ctx.centres)
             torch._foreach_mul_(grads, ctx.roots)
         torch._foreach_mul_(grads, ctx.roots)
         torch._foreach_mul_(grads, 2 * grad_output)
         return (None, None, *grads)
+
+
+def at_least_float32(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Half-precision tensors in float32, the others as they are (no copy): the penalty's arithmetic dtype."""
+    return [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors]
 
 
 def quadratic_penalty(roots: Sequence[Tensor], centres: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
@@ -208,7 +273,7 @@ def add_penalty_gradient(
     F θ − F c it would be rounding noise, which Adam divides by its tiny second moment and turns into steps).
     """
     if grads:
-        difference = torch._foreach_sub(params, centres)
+        difference = torch._foreach_sub(at_least_float32(params), centres)
         torch._foreach_addcmul_(grads, difference, fisher, value=ewc_lambda)
 
 

@@ -237,11 +237,27 @@ def accumulate_importance(
     if estimator not in PER_SAMPLE_IMPORTANCES:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {PER_SAMPLE_IMPORTANCES}")
     params = trainable_parameters(model) if params is None else params
+    if not params:
+        raise ValueError(
+            f"no parameter to estimate the importance of: {type(model).__name__} has no trainable parameter "
+            "(requires_grad=True) among those asked for; unfreeze the parameters to consolidate, or name them with "
+            "`parameters=`"
+        )
+    inference = [name for name, p in params.items() if p.is_inference()]
+    if inference:
+        raise RuntimeError(
+            f"parameters {inference[:3]} were created under torch.inference_mode(), so autograd can never "
+            "differentiate through them; build (or load) the model outside inference_mode"
+        )
     if logits_fn is None:
         logits_fn = lambda batch: model(default_inputs(batch))  # noqa: E731
     targets_fn = default_targets if targets_fn is None else targets_fn
     checked_logits = lambda batch: check_logits(logits_fn(batch), estimator)  # noqa: E731
-    with evaluation_mode(model):
+    # The pass needs autograd whatever the caller's context: under torch.no_grad() it enables it, and under
+    # torch.inference_mode() it leaves inference mode, taking copies of the batches made there (autograd cannot
+    # save inference tensors for backward). Nothing it creates leaks out: the result is detached sums.
+    batches = (tree_map(_outside_inference, batch) for batch in batches)
+    with evaluation_mode(model), torch.inference_mode(False), torch.enable_grad():
         if estimator == "batched":
             result = _batched_sums(params, batches, checked_logits, targets_fn)
         else:
@@ -251,6 +267,10 @@ def accumulate_importance(
             result = ImportanceSums(acc.sums, acc.count, dict(acc.report.routes), sorted(acc.report.fused))
     finite_or_raise(result.sums, f"the {estimator!r} importance")
     return result
+
+
+def _outside_inference(x: Any) -> Any:
+    return x.clone() if isinstance(x, Tensor) and x.is_inference() else x
 
 
 def _batched_sums(params, batches, logits_fn, targets_fn) -> ImportanceSums:

@@ -7,14 +7,19 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterable
+
 import torch
 from torch import Tensor
+
+from lightning_ewc.consolidation import at_least_float32, require_keys
 
 IMPORTANCES = ("fisher", "l2", "mas", "si")
 
 
 def uniform_importance(params: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {name: torch.ones_like(p, dtype=p.dtype).detach() for name, p in params.items()}
+    return {name: torch.ones_like(p, dtype=torch.float32).detach() for name, p in params.items()}
 
 
 class PathIntegral:
@@ -28,46 +33,73 @@ class PathIntegral:
     with the damping ξ. Negative ω (a parameter that moved against its gradient, e.g. through momentum) is clamped
     to zero importance, since a negative spring would push weights away from the anchor.
 
-    Memory: three parameter-sized tensors while a task trains (start, ω, the weights before the current step).
+    Each step is measured by the optimizer's own step hooks (:meth:`watch`): the weights before it, and after it the
+    update and the gradient it used. So a step that is never taken (fp16 loss scaling skips steps whose gradients
+    overflow) adds nothing, and manual optimization is measured wherever ``zero_grad`` comes, with accumulation too.
+
+    Memory: three parameter-sized tensors while a task trains (start, ω, the weights before the current step), all
+    float32 but the last, which keeps the parameters' own dtype (a copy, so exact).
     """
 
     def __init__(self, damping: float = 0.1) -> None:
-        if not damping > 0:
-            raise ValueError(f"SI's damping ξ must be > 0 (it keeps Ω finite for parameters that did not move); got {damping}")
-        self.damping = damping
+        if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping > 0):
+            raise ValueError(
+                f"SI's damping ξ must be a finite number > 0 (it keeps Ω finite for parameters that did not move); "
+                f"got {damping!r}"
+            )
+        self.damping = float(damping)
         self.start: dict[str, Tensor] = {}
         self.omega: dict[str, Tensor] = {}
-        self._before_step: dict[str, Tensor] = {}
+        self._before_step: dict[int, dict[str, Tensor]] = {}  # id(optimizer) -> weights before its current step
+        self._handles: list = []
 
     @property
     def active(self) -> bool:
         return bool(self.start)
 
     def begin_task(self, params: dict[str, Tensor]) -> None:
-        self.start = {name: p.detach().clone() for name, p in params.items()}
+        self.start = {name: p.detach().float().clone() for name, p in params.items()}
         self.omega = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
         self._before_step = {}
 
-    def before_step(self, params: dict[str, Tensor]) -> None:
-        names = [n for n in params if n in self.omega]
-        copies = torch._foreach_mul([params[n].detach() for n in names], 1.0)
-        self._before_step = dict(zip(names, copies))
+    # -- the optimizer's step hooks ------------------------------------------------------------------------------------
+    def watch(self, optimizers: Iterable[torch.optim.Optimizer], params: Callable[[], dict[str, Tensor]]) -> None:
+        """Brackets every step of ``optimizers`` (until :meth:`unwatch`); ``params()`` gives the parameters to track."""
+        self.unwatch()
+        for optimizer in optimizers:
+            self._handles.append(optimizer.register_step_pre_hook(lambda opt, *_: self.before_step(opt, params())))
+            self._handles.append(optimizer.register_step_post_hook(lambda opt, *_: self.after_step(opt, params())))
 
-    def after_step(self, params: dict[str, Tensor]) -> None:
-        names = [n for n in self._before_step if params[n].grad is not None]
-        if names:
-            moved = torch._foreach_sub([params[n].detach() for n in names], [self._before_step[n] for n in names])
-            torch._foreach_mul_(moved, [params[n].grad for n in names])
-            torch._foreach_sub_([self.omega[n] for n in names], [m.float() for m in moved])
-        self._before_step = {}
+    def unwatch(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._before_step = [], {}
 
+    def before_step(self, optimizer: torch.optim.Optimizer, params: dict[str, Tensor]) -> None:
+        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        names = [n for n, p in params.items() if n in self.omega and id(p) in owned]
+        copies = torch._foreach_mul([params[n].detach() for n in names], 1.0) if names else []
+        self._before_step[id(optimizer)] = dict(zip(names, copies))
+
+    def after_step(self, optimizer: torch.optim.Optimizer, params: dict[str, Tensor]) -> None:
+        before = self._before_step.pop(id(optimizer), {})
+        # .grad is what this step used: the optimizer reads it and nothing zeroes it between the step and this hook
+        names = [n for n in before if params[n].grad is not None]
+        if not names:
+            return
+        after = at_least_float32([params[n].detach() for n in names])
+        moved = torch._foreach_sub(after, at_least_float32([before[n] for n in names]))
+        torch._foreach_mul_(moved, at_least_float32([params[n].grad for n in names]))
+        torch._foreach_sub_([self.omega[n] for n in names], moved)
+
+    # -- the task's importance -----------------------------------------------------------------------------------------
     def importance(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
         out = {}
         for name, p in params.items():
             if name not in self.omega:
                 out[name] = torch.zeros_like(p, dtype=torch.float32)
                 continue
-            travelled = (p.detach().float() - self.start[name].float()).square()
+            travelled = (p.detach().float() - self.start[name]).square()
             out[name] = (self.omega[name] / (travelled + self.damping)).clamp_min(0)
         return out
 
@@ -78,8 +110,14 @@ class PathIntegral:
         return {"damping": self.damping, "start": dict(self.start), "omega": dict(self.omega)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.damping = state["damping"]
-        self.start, self.omega, self._before_step = dict(state["start"]), dict(state["omega"]), {}
+        require_keys(state, ("damping", "start", "omega"), "SI's path integral")
+        unpaired = sorted(set(state["start"]) ^ set(state["omega"]))
+        if unpaired:
+            raise ValueError(f"SI's path integral in the checkpoint is incomplete: {unpaired} lack a start or an ω")
+        self.damping = float(state["damping"])
+        self.start = {name: t.float() for name, t in state["start"].items()}
+        self.omega = {name: t.float() for name, t in state["omega"].items()}
+        self._before_step = {}
 
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in (self.start, self.omega) for t in d.values())

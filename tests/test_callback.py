@@ -161,9 +161,21 @@ def test_include_exclude_and_frozen_parameters(task_data):
     fit_task(net, callback, task_data, 0)
     assert set(callback.state.importance) == {"trunk.0.weight", "trunk.2.weight", "heads.0.weight", "heads.0.bias"}
 
-    nothing = EWCCallback(include=["encoder.*"])
+    frozen_only = TaskNet(hidden=16)
+    frozen_only.trunk[0].bias.requires_grad_(False)
     with pytest.raises(ValueError, match="selected no parameter"):
-        fit_task(TaskNet(hidden=16), nothing, task_data, 0)
+        fit_task(frozen_only, EWCCallback(include=["trunk.0.bias"]), task_data, 0)
+
+
+@pytest.mark.parametrize("kwargs", [{"include": ["encoder.*"]}, {"exclude": ["heads.*", "head.*"]}])
+def test_a_pattern_matching_no_parameter_is_refused_before_the_first_task_trains(task_data, kwargs):
+    net = TaskNet(hidden=16)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    trainer = make_trainer(max_steps=3, callbacks=[EWCCallback(**kwargs)])
+    with pytest.raises(ValueError, match=r"pattern '(encoder|head)\.\*' matches no parameter of TaskNet"):
+        trainer.fit(net, loader(task_data[0], 32))
+    assert trainer.global_step == 0  # refused before any training, not a task later
+    assert all(torch.equal(p, before[n]) for n, p in net.named_parameters())
 
 
 def test_new_head_is_anchored_only_after_its_own_task(task_data):

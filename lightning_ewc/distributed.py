@@ -1,0 +1,137 @@
+"""What the importance pass needs from the strategy: each rank's share of the data, one reduction of the sums, and
+an agreement on failure so that an error on one rank is raised on every rank with its cause.
+
+Kept apart from the callback's hooks because none of it depends on when it runs, only on the Trainer's strategy (or
+on no Trainer at all: one process, the whole dataset).
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+
+from lightning_ewc.fisher import ImportanceSums, limit_samples, move_to_device
+
+
+def rank_of(trainer) -> int:
+    return trainer.global_rank if trainer is not None else 0
+
+
+def world_of(trainer) -> int:
+    return trainer.world_size if trainer is not None else 1
+
+
+def is_map_style(dataset: Dataset) -> bool:
+    return not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
+
+
+def rank_batches(
+    source: DataLoader | Iterable,
+    trainer,
+    device: torch.device,
+    *,
+    num_samples: int | None,
+    batch_size: int | None,
+    subset_seed: int,
+) -> Iterator:
+    """This rank's batches of ``source``, on its device.
+
+    A map-style dataset is cut into contiguous shares of its (seeded, ``num_samples``-sized) subset: no
+    DistributedSampler padding, so no sample counts twice. An iterable one cannot be indexed: each rank reads its own
+    stream, up to its share of ``num_samples``."""
+    world, rank = world_of(trainer), rank_of(trainer)
+    if isinstance(source, DataLoader) and is_map_style(source.dataset):
+        loader, limit = shard(source, rank, world, num_samples, batch_size, subset_seed), None
+    else:
+        loader, limit = source, None if num_samples is None else -(-num_samples // world)
+    if trainer is not None:
+        transfer = trainer.strategy.batch_to_device
+    else:
+        transfer = lambda b: move_to_device(b, device)  # noqa: E731
+    return (transfer(batch) for batch in limit_samples(loader, limit))
+
+
+def shard(
+    source: DataLoader, rank: int, world: int, num_samples: int | None, batch_size: int | None, subset_seed: int
+) -> DataLoader:
+    """This rank's contiguous share of the (sub)sampled indices, in index order."""
+    n = len(source.dataset)
+    if num_samples is not None and num_samples < n:
+        generator = torch.Generator().manual_seed(subset_seed)
+        indices = torch.randperm(n, generator=generator)[:num_samples].sort().values.tolist()
+    else:
+        indices = list(range(n))
+    per_rank = -(-len(indices) // world)
+    return DataLoader(
+        Subset(source.dataset, indices[rank * per_rank : (rank + 1) * per_rank]),
+        batch_size=batch_size or source.batch_size or 128,
+        shuffle=False,
+        collate_fn=source.collate_fn,
+        num_workers=source.num_workers,
+        pin_memory=source.pin_memory,
+    )
+
+
+def on_every_rank(compute: Callable[[], ImportanceSums], trainer, what: str) -> ImportanceSums:
+    """``compute()`` on this rank's share, then the sums over ranks, or the first failing rank's error on every rank.
+
+    Each rank's pass may fail on its own data (a NaN, a label out of range) before the collective that sums the
+    ranks' results; a rank that raised there would leave the others waiting in that collective (NCCL) or dying with
+    "connection closed by peer" (gloo), neither of which names the cause. So every rank first reports whether it
+    failed, with its sample count, in one small collective; then either all raise, or all reduce the sums.
+    """
+    world = world_of(trainer)
+    if world == 1:
+        return compute()
+    try:
+        sums, error = compute(), None
+    except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+        sums, error = None, err
+    strategy, rank = trainer.strategy, rank_of(trainer)
+    status = torch.zeros(world + 1, dtype=torch.int64, device=strategy.root_device)
+    if error is not None:
+        status[rank] = 1
+    else:
+        status[world] = sums.count
+    status = strategy.reduce(status, reduce_op="sum")
+    failed = status[:world].nonzero().flatten().tolist()
+    if failed:
+        raise_everywhere(strategy, rank, failed[0], error, what)
+    return _sum_over_ranks(sums, int(status[world]), strategy)
+
+
+def raise_everywhere(strategy, rank: int, source: int, error: BaseException | None, what: str):
+    """Every rank raises rank ``source``'s error: that rank its own exception, the others a copy of it (same type and
+    message, where it can be pickled) noting which rank it came from."""
+    payload = None
+    if rank == source:
+        try:
+            payload = pickle.dumps(error)
+            pickle.loads(payload)  # an exception whose constructor takes other arguments may not round-trip
+        except Exception:  # noqa: BLE001
+            payload = pickle.dumps(RuntimeError(f"{type(error).__name__}: {error}"))
+    payload = strategy.broadcast(payload, src=source)
+    if rank == source:
+        raise error
+    copy = pickle.loads(payload)
+    note = f"(raised on rank {source} while {what}; this is rank {rank}, which stopped with it)"
+    if hasattr(copy, "add_note"):
+        copy.add_note(note)
+        raise copy
+    raise RuntimeError(f"{type(copy).__name__}: {copy} {note}") from copy
+
+
+def _sum_over_ranks(sums: ImportanceSums, count: int, strategy) -> ImportanceSums:
+    """The sums over ranks in one collective, in their own dtype (float32: not every accelerator has float64)."""
+    names = list(sums.sums)
+    flat = torch.cat([sums.sums[n].reshape(-1) for n in names])
+    flat = strategy.reduce(flat, reduce_op="sum")
+    out, offset = {}, 0
+    for n in names:
+        t = sums.sums[n]
+        out[n] = flat[offset : offset + t.numel()].view_as(t)
+        offset += t.numel()
+    return ImportanceSums(out, count, sums.routes, sums.fused)
