@@ -475,7 +475,7 @@ def test_conv_then_batchnorm_from_batchnorm_output_gradient_matches_brute_force(
 def test_small_memory_bounds_split_conv_batches_into_chunks_with_the_same_result(monkeypatch, estimator):
     # Bounds small enough that every conv works on one or two samples at a time and only some unfolded inputs are
     # kept across the exact Fisher's classes: chunking and the cache must not change the result.
-    from lightning_ewc import per_sample
+    from lightning_ewc.per_sample import limits
 
     model = randomize(ConvBatchNormNet(), seed=8)
     strided = randomize(Conv2dStridedNet(), seed=3)
@@ -484,8 +484,8 @@ def test_small_memory_bounds_split_conv_batches_into_chunks_with_the_same_result
         (model, torch.randn(7, 1, 4, 4, generator=gen, dtype=torch.float64)),
         (strided, torch.randn(7, 2, 8, 8, generator=gen, dtype=torch.float64)),
     ]
-    monkeypatch.setattr(per_sample, "_MAX_BLOCK_ELEMENTS", 200)
-    monkeypatch.setattr(per_sample, "_MAX_CACHED_ELEMENTS", 400)
+    monkeypatch.setattr(limits, "MAX_BLOCK_ELEMENTS", 200)
+    monkeypatch.setattr(limits, "MAX_CACHED_ELEMENTS", 400)
     for net, x in cases:
         batches = split(x, torch.randint(0, 3, (7,), generator=gen), sizes=[4, 3])
         result = accumulate_importance(net, batches, estimator)

@@ -1,0 +1,25 @@
+"""A batch is whatever the user's ``logits_fn`` takes: any nesting of tensors and other values (a pytree)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+Batch = Any
+
+
+def slice_batch(batch: Batch, start: int, stop: int, n: int) -> Batch:
+    """Rows ``start:stop`` of every tensor in ``batch`` whose first dimension is the batch size ``n``."""
+    leaves, spec = tree_flatten(batch)
+    sliced = [x[start:stop] if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == n else x for x in leaves]
+    return tree_unflatten(sliced, spec)
+
+
+def batch_size_of(batch: Batch) -> int | None:
+    """The first dimension of the first tensor in ``batch`` (None if the batch holds no tensor)."""
+    for x in tree_flatten(batch)[0]:
+        if isinstance(x, Tensor) and x.dim() > 0:
+            return int(x.shape[0])
+    return None

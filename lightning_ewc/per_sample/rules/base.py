@@ -1,0 +1,75 @@
+"""The interface every layer rule implements, and what rules share: how many samples one materialised block holds.
+
+A rule turns one layer's input ``a`` and the gradient ``g`` at its output, both with the samples along dim 0, into
+that layer's per-sample parameter gradients. A new layer type is a new module in this package with a ``LayerRule``
+subclass, listed in ``RULES`` (``rules/__init__.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from lightning_ewc.per_sample import limits
+from lightning_ewc.per_sample.sums import Reduction, reduce_per_sample
+
+InputAndGrad = tuple[Tensor, Tensor]  # one call of a module: its input and the gradient at its output
+
+
+def samples_per_block(module: nn.Module) -> int:
+    """How many samples' per-sample gradients of ``module``'s own parameters fit in ``limits.MAX_BLOCK_ELEMENTS``."""
+    numel = sum(p.numel() for p in module.parameters(recurse=False))
+    return max(1, limits.MAX_BLOCK_ELEMENTS // max(numel, 1))
+
+
+def concatenated(calls: list[InputAndGrad], positions: Callable[[Tensor, int], Tensor]) -> list[InputAndGrad]:
+    """Several calls as one: each input reshaped by ``positions(a, n)`` and each output gradient to ``[N, L, D]``,
+    then concatenated along dim 1. Right for layers whose parameters act on every position alike (a Linear on a
+    sequence, an Embedding), where a second call is just more positions."""
+    if len(calls) <= 1:
+        return calls
+    n = calls[0][0].shape[0]
+    a = torch.cat([positions(a, n) for a, _ in calls], 1)
+    g = torch.cat([g.reshape(n, -1, g.shape[-1]) for _, g in calls], 1)
+    return [(a, g)]
+
+
+class LayerRule:
+    """How one layer type turns its inputs and output-gradients into per-sample parameter gradients."""
+
+    def applies(self, module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def per_sample(self, module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+        """Per-sample gradients ``{param_name: Tensor[N, *param.shape]}`` for one call of the module."""
+        raise NotImplementedError
+
+    def merge_calls(self, calls: list[InputAndGrad]) -> list[InputAndGrad]:
+        """The module's calls in one forward, merged into fewer where the rule allows it (by default, left apart)."""
+        return calls
+
+    def batch_sum(self, module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+        """Σ_n of the per-sample gradients (what autograd gives), in chunks so memory stays bounded."""
+        chunk = samples_per_block(module)
+        total: dict[str, Tensor] = {}
+        for start in range(0, a.shape[0], chunk):
+            for name, t in self.per_sample(module, a[start : start + chunk], g[start : start + chunk]).items():
+                total[name] = t.sum(0) if name not in total else total[name] + t.sum(0)
+        return total
+
+    def reduced_sums(
+        self, module: nn.Module, calls: list[InputAndGrad], reduction: Reduction
+    ) -> Iterator[dict[str, Tensor]]:
+        """Σ_n r(per-sample gradient) over all the module's calls in one forward, one partial sum per chunk of
+        samples: each chunk's per-sample gradients are materialised, summed over the calls, then reduced."""
+        calls = self.merge_calls(calls)
+        n = calls[0][0].shape[0]
+        chunk = samples_per_block(module)
+        for start in range(0, n, chunk):
+            total: dict[str, Tensor] = {}
+            for a, g in calls:
+                for name, t in self.per_sample(module, a[start : start + chunk], g[start : start + chunk]).items():
+                    total[name] = t if name not in total else total[name] + t
+            yield {name: reduce_per_sample(t, reduction).sum(0) for name, t in total.items()}
