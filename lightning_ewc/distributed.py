@@ -48,7 +48,8 @@ def rank_batches(
     else:
         loader, limit = source, None if num_samples is None else -(-num_samples // world)
     if trainer is not None:
-        transfer = trainer.strategy.batch_to_device
+        # as the training loop hands batches over: on the device, then in the weights' dtype under "bf16-true"/"16-true"
+        transfer = lambda b: trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(b))  # noqa: E731
     else:
         transfer = lambda b: move_to_device(b, device)  # noqa: E731
     return (transfer(batch) for batch in limit_samples(loader, limit))

@@ -78,3 +78,46 @@ def test_checkpoint_with_other_settings_is_refused(tmp_path, mnist_dir):
     with pytest.raises(ValueError, match="mode='separate'.*mode='online'"):
         make_trainer(max_epochs=2, callbacks=[EWCCallback(mode="online")]).fit(TaskNet(hidden=8), loader(data),
                                                                              ckpt_path=ckpt)
+
+
+def saved_state(**kwargs) -> dict:
+    callback = EWCCallback(**kwargs)
+    callback.state.consolidate({"w": torch.rand(3), "b": torch.rand(2)}, {"w": torch.randn(3), "b": torch.randn(2)})
+    return callback.state_dict()
+
+
+@pytest.mark.parametrize(
+    "corrupt, match",
+    [
+        (lambda s: s.pop("consolidated"), r"EWCCallback's state in the checkpoint lacks \['consolidated'\]"),
+        (lambda s: s["consolidated"].pop("centre"), r"the EWC state in the checkpoint lacks \['centre'\]"),
+        (lambda s: s["consolidated"]["centre"].pop("b"), r"\['b'\] have an importance but no centre"),
+        (lambda s: s["consolidated"]["importance"].update(w=torch.rand(4)), r"'w' has importance of shape \(4,\)"),
+    ],
+    ids=["no-consolidated", "no-centre", "centre-missing-a-parameter", "shapes-differ"],
+)
+def test_incomplete_checkpoint_state_is_refused_naming_what_is_missing(corrupt, match):
+    state = saved_state()
+    corrupt(state)
+    callback = EWCCallback()
+    with pytest.raises(ValueError, match=match):
+        callback.load_state_dict(state)
+    assert callback.num_tasks == 0  # nothing half-loaded
+
+
+def test_si_checkpoint_without_its_path_integral_entries_is_refused():
+    state = saved_state(importance="si", mode="online")
+    state["path_integral"] = {"damping": 0.1, "start": {"w": torch.zeros(3)}}
+    with pytest.raises(ValueError, match=r"SI's path integral in the checkpoint lacks \['omega'\]"):
+        EWCCallback(importance="si", mode="online").load_state_dict(state)
+
+
+def test_checkpoint_with_another_gamma_says_the_callbacks_gamma_wins():
+    state = saved_state(mode="online", gamma=0.9)
+    callback = EWCCallback(mode="online", gamma=0.5)
+    with pytest.warns(UserWarning, match=r"saved with gamma=0\.9 but this callback has gamma=0\.5; this callback's"):
+        callback.load_state_dict(state)
+    before = callback.state.importance["w"].clone()
+    new = torch.rand(3)
+    callback.state.consolidate({"w": new, "b": torch.zeros(2)}, {"w": torch.zeros(3), "b": torch.zeros(2)})
+    torch.testing.assert_close(callback.state.importance["w"], 0.5 * before + new)

@@ -216,13 +216,119 @@ def test_resized_parameter_is_a_clear_error():
         (dict(mode="online", gamma=-0.1), "gamma must be in"),
         (dict(mode="online", gamma=1.5), "gamma must be in"),
         (dict(ewc_lambda=-1.0), "ewc_lambda must be"),
+        (dict(ewc_lambda=float("nan")), "ewc_lambda must be a finite number"),
+        (dict(ewc_lambda=float("inf")), "ewc_lambda must be a finite number"),
+        (dict(ewc_lambda=True), "ewc_lambda must be"),
+        (dict(mode="online", gamma=float("nan")), "gamma must be in"),
         (dict(importance="fisherr"), "unknown importance"),
         (dict(fisher="diag"), "unknown Fisher estimator"),
         (dict(num_samples=0), "num_samples must be"),
         (dict(exclude="heads.*"), "list of glob patterns"),
         (dict(importance="si", si_damping=0.0), "damping"),
+        (dict(importance="si", si_damping=float("inf")), "damping"),
     ],
 )
 def test_bad_callback_arguments_are_refused_at_construction(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         EWCCallback(**kwargs)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -2.0])
+def test_lambda_set_between_tasks_is_checked_too(value):
+    callback = EWCCallback(ewc_lambda=1.0)
+    with pytest.raises(ValueError, match="ewc_lambda must be a finite number >= 0"):
+        callback.ewc_lambda = value
+    assert callback.ewc_lambda == 1.0
+    callback.ewc_lambda = 5
+    assert callback.ewc_lambda == 5.0
+
+
+def consolidated_callback(model: nn.Module, penalty_via: str = "loss", seed: int = 0) -> EWCCallback:
+    callback = EWCCallback(ewc_lambda=2.0, penalty_via=penalty_via)
+    tasks = random_tasks({n: tuple(p.shape) for n, p in model.named_parameters()}, 2, seed=seed)
+    for importance, anchor in tasks:
+        callback.state.consolidate(importance, anchor)
+    return callback
+
+
+def test_a_replaced_parameter_is_seen_after_the_penalty_was_cached():
+    """The penalty caches which tensors it acts on; a module replaced after that must not be served from the cache."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    callback = consolidated_callback(model)
+    callback.penalty(model).backward()  # cached now
+    model[1] = nn.Linear(3, 5)  # a new head of another size
+    with pytest.raises(ValueError, match=r"'1\.weight' has shape \(5, 3\) but was consolidated with shape \(2, 3\)"):
+        callback.penalty(model)
+    model[1] = nn.Linear(3, 2)  # the same size: the penalty must act on (and give a gradient to) the new tensor
+    value = callback.penalty(model)
+    value.backward()
+    assert model[1].weight.grad is not None and model[1].weight.grad.abs().sum() > 0
+    want = 0.5 * 2.0 * (sum(float((callback.state.importance[n] * (p.detach() - callback.state.centre[n]) ** 2).sum())
+                            for n, p in model.named_parameters()) + callback.state.constant)
+    assert float(value.detach()) == pytest.approx(want, rel=1e-5)
+    with torch.no_grad():
+        model[1].weight.data = torch.zeros(4, 3)  # a shape change behind the module's back
+    with pytest.raises(ValueError, match="'1.weight' has shape"):
+        callback.penalty(model)
+
+
+def test_penalty_supports_second_derivatives():
+    """Under create_graph=True the gradient is differentiable: the Hessian of (λ/2) Σ F (θ − c)² is λ F on the
+    diagonal (a Hessian-vector product, a gradient penalty), not silently zero."""
+    model = nn.Linear(5, 3).double()
+    callback = consolidated_callback(model)
+    params = list(model.parameters())
+    grads = torch.autograd.grad(callback.penalty(model), params, create_graph=True)
+    vector = [torch.randn_like(p) for p in params]
+    hvp = torch.autograd.grad(grads, params, grad_outputs=vector)
+    for (name, _), v, h in zip(model.named_parameters(), vector, hvp):
+        torch.testing.assert_close(h, 2.0 * callback.state.importance[name].double() * v, rtol=1e-6, atol=1e-9)
+    state = callback.state
+    roots = [state.root_importance[n].double() for n, _ in model.named_parameters()]
+    centres = [state.centre[n].double() for n, _ in model.named_parameters()]
+    inputs = tuple(p.detach().clone().requires_grad_() for p in params)
+    assert torch.autograd.gradgradcheck(lambda *ps: quadratic_penalty(roots, centres, ps), inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights_keep_a_float32_state(dtype):
+    """An importance of 1e-9 is 0 in float16; the state and the penalty stay float32 whatever the weights' dtype."""
+    state = ConsolidatedState()
+    importance = {"w": torch.tensor([1e-9, 3.0], dtype=dtype)}
+    anchor = {"w": torch.tensor([1.0, 2.0], dtype=dtype)}
+    state.consolidate({"w": torch.tensor([1e-9, 3.0])}, anchor)
+    assert state.importance["w"].dtype == state.centre["w"].dtype == torch.float32
+    assert float(state.importance["w"][0]) == pytest.approx(1e-9, rel=1e-5)
+    state.consolidate(importance, anchor)  # a half-precision importance is widened, not the state narrowed
+    assert state.importance["w"].dtype == torch.float32
+
+    model = nn.Linear(8, 4).to(dtype)
+    callback = consolidated_callback(model)
+    stored = {n: (f.clone(), f.dtype) for n, f in callback.state.root_importance.items()}
+    value = callback.penalty(model)
+    assert value.dtype == torch.float32
+    want = 0.5 * 2.0 * (sum(float((callback.state.importance[n].double() * (p.detach().double()
+                                   - callback.state.centre[n].double()) ** 2).sum())
+                            for n, p in model.named_parameters()) + callback.state.constant)
+    assert float(value.detach()) == pytest.approx(want, rel=1e-5)
+    value.backward()
+    for n, p in model.named_parameters():
+        assert p.grad.dtype == dtype
+        want_grad = 2.0 * callback.state.importance[n] * (p.detach().float() - callback.state.centre[n])
+        torch.testing.assert_close(p.grad.float(), want_grad, rtol=1e-2, atol=1e-3)
+    for n, (f, dtype_before) in stored.items():  # the cache made copies; the state itself was not recast
+        assert callback.state.root_importance[n].dtype == dtype_before == torch.float32
+        assert torch.equal(callback.state.root_importance[n], f)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gradient_side_penalty_on_half_precision_weights(dtype):
+    model = nn.Linear(8, 4).to(dtype)
+    callback = consolidated_callback(model, penalty_via="gradient")
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    callback.add_penalty_gradient(model)
+    for n, p in model.named_parameters():
+        want = 2.0 * callback.state.importance[n] * (p.detach().float() - callback.state.centre[n])
+        torch.testing.assert_close(p.grad.float(), want, rtol=1e-2, atol=1e-3)
+    assert all(f.dtype == torch.float32 for f in callback.state.fisher.values())

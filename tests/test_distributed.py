@@ -131,3 +131,19 @@ def test_ddp_gradient_side_penalty_trains_like_the_loss_side_one(tmp_path, mnist
     # and the penalty did change the training: the same run with λ = 0 ends elsewhere
     moved = max(float((ranks[0]["loss"][n] - ranks[0]["without"][n]).abs().max()) for n in ranks[0]["loss"])
     assert moved > 1e-3
+
+
+def test_an_error_on_one_rank_is_raised_on_every_rank_with_its_cause(tmp_path, mnist_dir):
+    """Rank 1's share of the importance data holds a NaN (then a label out of range); it raises before the collective
+    that sums the ranks' results. Without an agreement first, rank 0 would wait there (NCCL) or die with "connection
+    closed by peer" (gloo); the script runs under a timeout, and both ranks must name the cause."""
+    run_ddp_script(TESTS / "ddp_failure_script.py", tmp_path)
+    lines = {r: dict(line.split("\t", 1) for line in (tmp_path / f"failure_rank{r}.txt").read_text().splitlines())
+             for r in range(2)}
+    for case, kind, cause in (("nan", "FloatingPointError", "non-finite values"),
+                              ("label", "ValueError", "labels range over [0, 7]")):
+        for rank in range(2):
+            assert lines[rank][case].startswith(kind + "\t"), (rank, lines[rank][case])
+            assert cause in lines[rank][case], (rank, lines[rank][case])
+        assert "raised on rank 1" in lines[0][case]  # rank 0 says where it came from
+        assert "raised on rank 1" not in lines[1][case]  # rank 1 raised its own exception

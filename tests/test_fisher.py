@@ -749,3 +749,44 @@ def test_nan_weight_raises_floating_point_error_naming_the_parameter():
         model[2].weight[1, 2] = float("nan")
     with pytest.raises(FloatingPointError, match=re.escape("2.weight")):
         estimate_fisher(model, _batches(), "exact")
+
+
+def test_model_without_trainable_parameters_is_refused():
+    model = _mlp().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        estimate_fisher(model, _batches(), "exact")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 8. The caller's grad mode
+# ----------------------------------------------------------------------------------------------------------------------
+GRAD_MODES = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode, "enabled": contextlib.nullcontext}
+
+
+@pytest.mark.parametrize("context", list(GRAD_MODES))
+@pytest.mark.parametrize("estimator", FISHER_ESTIMATORS)
+def test_estimation_works_inside_no_grad_and_inference_mode(context, estimator):
+    """Evaluation code often runs under no_grad or inference_mode; the pass enables autograd for itself, and batches
+    created in inference mode are copied (autograd cannot save them)."""
+    model = _mlp()
+    x, y = _data()
+    want = estimate_fisher(model, split(x, y, sizes=[5, 7]), estimator)
+    with GRAD_MODES[context]():
+        batches = split(x.clone(), y.clone(), sizes=[5, 7])  # made inside the context, as a user's would be
+        got = estimate_fisher(model, batches, estimator)
+        assert torch.is_grad_enabled() == (context == "enabled")  # the caller's mode is left as it was
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=0)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+def test_loop_fallback_works_inside_no_grad_and_inference_mode(context):
+    model = randomize(ItemNet(), seed=9)
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    batches = split(x, torch.zeros(6, dtype=torch.long), sizes=[3, 3])
+    want = reference(model, batches, "exact")
+    with GRAD_MODES[context]():
+        result = accumulate_importance(model, split(x.clone(), torch.zeros(6, dtype=torch.long), sizes=[3, 3]))
+    assert result.routes["prelu.weight"] == "loop"
+    assert_matches({n: s / result.count for n, s in result.sums.items()}, want)
