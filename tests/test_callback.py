@@ -353,3 +353,23 @@ def test_consolidate_by_hand_for_custom_loops(task_data):
         torch.testing.assert_close(callback.state.importance[name], want[name], rtol=1e-5, atol=1e-9)
     with pytest.raises(ValueError, match="no data to estimate"):
         callback.consolidate(net)
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_consolidate_by_hand_inside_no_grad_or_inference_mode_then_train(task_data, context):
+    """Custom loops often end a task inside an evaluation block; the state made there must serve training after."""
+    torch.manual_seed(0)
+    net = TaskNet(hidden=8)
+    outside, inside = EWCCallback(ewc_lambda=10.0), EWCCallback(ewc_lambda=10.0)
+    outside.consolidate(net, dataloader=DataLoader(task_data[0], batch_size=50))
+    with context():
+        inside.consolidate(net, dataloader=DataLoader(task_data[0], batch_size=50))
+    for name, f in outside.state.importance.items():
+        torch.testing.assert_close(inside.state.importance[name], f, rtol=1e-6, atol=0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.01)
+    net.task = 1
+    trainer = make_trainer(max_steps=2, callbacks=[inside])
+    trainer.fit(net, DataLoader(task_data[1], batch_size=32))  # penalty and its gradient with that state
+    assert inside.num_tasks == 2 and float(inside.penalty(net).detach()) > 0
