@@ -12,8 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from lightning_ewc.app.idx import load_idx_dataset
 from lightning_ewc.app.models import CNN, MLP
-from lightning_ewc.data.idx import load_idx_dataset
 
 
 def parser(description: str) -> argparse.ArgumentParser:

@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 
-from lightning_ewc.data.idx import DATA_ENV, data_dir
+from lightning_ewc.app.idx import DATA_ENV, data_dir
 
 
 def pytest_configure(config):

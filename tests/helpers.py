@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ewc import EWCMixin
-from lightning_ewc.data.idx import load_idx_dataset
+from lightning_ewc.app.idx import load_idx_dataset
 
 
 # A quiet single-process CPU Trainer: the settings every test starts from (either Lightning namespace).

@@ -19,7 +19,7 @@ from helpers import TaskNet, split_mnist_task
 from torch.utils.data import DataLoader
 
 from lightning_ewc import estimate_fisher
-from lightning_ewc.data.idx import DATA_ENV, data_dir
+from lightning_ewc.app.idx import DATA_ENV, data_dir
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent

@@ -497,7 +497,7 @@ def test_small_memory_bounds_split_conv_batches_into_chunks_with_the_same_result
 def test_app_cnn_on_mnist_matches_brute_force_with_both_blocks_fused(mnist_dir, estimator):
     # The app's CNN (conv, BatchNorm, ReLU, max-pool, twice) on real digits: the model the conv routes were built for.
     from lightning_ewc.app.models import CNN
-    from lightning_ewc.data.idx import load_idx_dataset
+    from lightning_ewc.app.idx import load_idx_dataset
 
     images, labels = load_idx_dataset("MNIST", train=False, root=mnist_dir)
     backbone = CNN((1, 28, 28), channels=(4, 6), hidden=8)

@@ -20,7 +20,7 @@ from lightning_ewc.app.streams import (
     split_fashion_mnist,
     split_mnist,
 )
-from lightning_ewc.data.idx import DATA_ENV, load_idx_dataset
+from lightning_ewc.app.idx import DATA_ENV, load_idx_dataset
 
 BUILDERS = {
     "split_mnist": split_mnist,

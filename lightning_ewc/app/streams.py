@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from lightning_ewc.data import idx
+from lightning_ewc.app import idx
 
 SCENARIOS = ("task", "domain", "class")
 

@@ -1,17 +1,21 @@
 """Reading the original MNIST / Fashion-MNIST IDX ``.gz`` files straight into tensors.
 
 Written by hand because torchvision, the usual reader, is not a dependency (and decodes sample by sample through PIL);
-the format is a tiny header and raw bytes, so the whole dataset lands in one uint8 tensor in milliseconds.
+the format is a tiny header and raw bytes, so the whole dataset lands in one uint8 tensor in milliseconds. Missing
+files can be fetched with ``download=True`` (:mod:`lightning_ewc.app.download`, standard library only).
 """
 
 from __future__ import annotations
 
 import gzip
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from lightning_ewc.app.download import download as _download
 
 DATA_ENV = "LIGHTNING_EWC_DATA"
 FILES = {
@@ -46,32 +50,28 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
 
 
 def load_idx_dataset(
-    name: str = "MNIST", train: bool = True, root: str | os.PathLike | None = None, download: bool = False
+    name: str = "MNIST",
+    train: bool = True,
+    root: str | os.PathLike | None = None,
+    download: bool = False,
+    mirrors: Sequence[str] | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images uint8 [N, 28, 28], labels int64 [N]) of ``MNIST`` or ``FashionMNIST``."""
+    """(images uint8 [N, 28, 28], labels int64 [N]) of ``MNIST`` or ``FashionMNIST``.
+
+    ``download=True`` fetches missing files (both splits) into ``ROOT/<name>/raw/`` from ``mirrors`` (base URLs; by
+    default ``$LIGHTNING_EWC_MIRRORS``, else the public mirrors), each checked against its published md5.
+    """
     raw = data_dir(root) / name / "raw"
     paths = [raw / f for f in FILES[train]]
     missing = [p for p in paths if not p.exists()]
     if missing and download:
-        _download(name, data_dir(root))
+        _download(name, data_dir(root), mirrors=mirrors)
         missing = [p for p in paths if not p.exists()]
     if missing:
         raise FileNotFoundError(
             f"{name} not found: looked for {', '.join(str(p) for p in missing)}. Put the original IDX .gz files in "
             f"{raw}/ (torchvision's layout), point ${DATA_ENV} (or the stream's data_dir) at the folder that holds "
-            f"{name}/raw/, or set download=true with torchvision installed"
+            f"{name}/raw/, or set download=true to fetch them from the public mirrors"
         )
     images, labels = (read_idx(p) for p in paths)
     return images, labels.long()
-
-
-def _download(name: str, root: Path) -> None:
-    try:
-        import torchvision.datasets as tvd
-    except Exception as err:  # torchvision is optional and may fail to import beside some torch builds
-        raise RuntimeError(
-            f"download=true needs torchvision ({err}); install it, or fetch the {name} IDX .gz files by hand into "
-            f"{root / name / 'raw'}/"
-        ) from err
-    getattr(tvd, name)(root=str(root), train=True, download=True)
-    getattr(tvd, name)(root=str(root), train=False, download=True)
