@@ -16,6 +16,15 @@ mas        E_x |∂ ||z(x)||² / ∂θ_i|  (Aljundi et al. 2018; absolute, not s
 
 ``batched`` is what Avalanche and most EWC repositories compute: the square of a mean, not a mean of squares. It is
 offered only so that λ values from those libraries carry over; it is smaller than the Fisher by about the batch size.
+
+**Per-position outputs** (token taggers, causal language models under teacher forcing): logits ``[N, T, C]`` (or
+``[N, ..., C]``). A sample's log-likelihood is log p(y|x) = Σ_t m_t log p(y_t|x), the positions conditionally
+independent given the input, with m_t = 0 where the label is ``IGNORE_INDEX`` (−100, as in ``cross_entropy``:
+padding, prompt tokens). The estimators keep their meaning per *sample*: ``empirical`` and ``sampled`` square the
+gradient of that sum (v_n = Σ_t m_t (e_{y_t} − p_t) at the true or at drawn labels, one backward pass), and ``exact``
+is its expectation, Σ_t m_t J_tᵀ (diag(p_t) − p_t p_tᵀ) J_t: the cross-position terms vanish in expectation, so it
+takes T·(C − 1) passes and is refused above ``MAX_EXACT_PASSES`` (a vocabulary) in favour of ``sampled``. For
+``exact``, ``sampled`` and ``mas`` the labels serve only as the mask; without labels every position counts.
 """
 
 from __future__ import annotations
@@ -33,6 +42,10 @@ from lightning_ewc.per_sample import Batch, PerSampleAccumulator, batch_size_of,
 
 FISHER_ESTIMATORS = ("exact", "sampled", "empirical", "batched")
 PER_SAMPLE_IMPORTANCES = FISHER_ESTIMATORS + ("mas",)
+
+IGNORE_INDEX = -100  # a label that marks a position to leave out, as in torch.nn.functional.cross_entropy
+# Backward passes of one batch's exact Fisher over per-position outputs, T·(C − 1), beyond which it is refused.
+MAX_EXACT_PASSES = 4096
 
 _INPUT_KEYS = ("x", "input", "inputs", "image", "images")
 _TARGET_KEYS = ("y", "target", "targets", "label", "labels")
@@ -57,6 +70,10 @@ def default_inputs(batch: Batch) -> Any:
     return batch
 
 
+class MissingLabelsError(ValueError):
+    """The batch holds no labels (the estimators that need none go on without a position mask)."""
+
+
 def default_targets(batch: Batch) -> Tensor:
     """The true labels of a batch: ``batch[1]`` of a tuple/list or ``batch['y']`` (or target/label) of a dict."""
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
@@ -65,27 +82,36 @@ def default_targets(batch: Batch) -> Tensor:
         for key in _TARGET_KEYS:
             if key in batch:
                 return batch[key]
-    raise ValueError(
+    raise MissingLabelsError(
         "the 'empirical' and 'batched' estimators need the true labels, but the batch has none "
         f"(type {type(batch).__name__}); yield (x, y) batches, override `ewc_targets(batch)` on your module, or "
         "pass `targets_fn=`; the 'exact' and 'sampled' estimators need no labels"
     )
 
 
-def check_logits(logits: Any, estimator: str) -> Tensor:
+def check_logits(logits: Any, estimator: str, samples: int | None = None) -> Tensor:
+    """Float logits ``[N, C]`` or ``[N, ..., C]`` (positions), one row per sample of the batch (``samples``)."""
     if not isinstance(logits, Tensor) or not torch.is_floating_point(logits):
         raise TypeError(
-            f"the {estimator!r} estimator needs the model to return class logits as a float tensor [batch, classes]; "
-            f"got {type(logits).__name__}{'' if not isinstance(logits, Tensor) else ' of dtype ' + str(logits.dtype)}. "
+            f"the {estimator!r} estimator needs the model to return class logits as a float tensor [batch, classes] "
+            f"(or [batch, positions, classes]); got {type(logits).__name__}"
+            f"{'' if not isinstance(logits, Tensor) else ' of dtype ' + str(logits.dtype)}. "
             "Override `ewc_logits(batch)` on your module (or pass `logits_fn=`) to return the logits"
         )
-    if estimator != "mas" and logits.dim() != 2:
+    if samples is not None and logits.dim() > 0 and logits.shape[0] != samples:
         raise ValueError(
-            f"the {estimator!r} estimator needs class logits of shape [batch, classes]; got shape "
-            f"{tuple(logits.shape)}. For sequence or multi-output models, return the logits to consolidate from "
-            "`ewc_logits(batch)` flattened to [samples, classes]"
+            f"the logits have {logits.shape[0]} rows but the batch holds {samples} samples (shape "
+            f"{tuple(logits.shape)}): per-sample gradients need one row per sample. Return per-position logits as "
+            "[batch, positions, classes] from `ewc_logits(batch)` (not flattened to [batch·positions, classes]: "
+            "that would make every position a sample of its own), with labels [batch, positions] and -100 where a "
+            "position is to be left out"
         )
-    if estimator != "mas" and logits.shape[1] < 2:
+    if estimator != "mas" and logits.dim() < 2:
+        raise ValueError(
+            f"the {estimator!r} estimator needs class logits of shape [batch, classes] or [batch, positions, "
+            f"classes]; got shape {tuple(logits.shape)}"
+        )
+    if estimator != "mas" and logits.shape[-1] < 2:
         raise ValueError(
             f"the {estimator!r} estimator needs at least 2 classes (softmax logits); got shape {tuple(logits.shape)}. "
             "A single-logit binary classifier should return two logits [-z/2, z/2] from `ewc_logits`"
@@ -94,19 +120,46 @@ def check_logits(logits: Any, estimator: str) -> Tensor:
 
 
 def check_targets(targets: Any, logits: Tensor) -> Tensor:
+    """Integer labels shaped like the logits without their class dimension, each a class or ``IGNORE_INDEX``."""
     if not isinstance(targets, Tensor) or targets.dtype in (torch.bool,) or torch.is_floating_point(targets):
         raise TypeError(
             f"true labels must be an integer tensor of class indices, got "
             f"{type(targets).__name__}{' of dtype ' + str(targets.dtype) if isinstance(targets, Tensor) else ''}"
         )
-    if targets.shape != logits.shape[:1]:
-        raise ValueError(f"labels of shape {tuple(targets.shape)} do not match logits of shape {tuple(logits.shape)}")
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= logits.shape[1]):
+    if targets.shape != logits.shape[:-1]:
         raise ValueError(
-            f"labels range over [{int(targets.min())}, {int(targets.max())}] but the logits have {logits.shape[1]} "
-            "classes; for a multi-head model return the current task's head from `ewc_logits` and labels local to it"
+            f"labels of shape {tuple(targets.shape)} do not match logits of shape {tuple(logits.shape)}: the labels "
+            f"must be shaped {tuple(logits.shape[:-1])} (the logits without their class dimension)"
+        )
+    kept = targets[targets != IGNORE_INDEX]
+    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= logits.shape[-1]):
+        raise ValueError(
+            f"labels range over [{int(kept.min())}, {int(kept.max())}] but the logits have {logits.shape[-1]} "
+            f"classes ({IGNORE_INDEX} marks a position to leave out); for a multi-head model return the current "
+            "task's head from `ewc_logits` and labels local to it"
         )
     return targets
+
+
+def labels_and_mask(estimator: str, logits: Tensor, targets: Callable[[], Any]) -> tuple[Tensor | None, Tensor | None]:
+    """The checked labels (or None) and which outputs count, shaped like the logits without the class dimension
+    (None: all of them).
+
+    The estimators that read the labels take them as they are; the others read them only to mask positions of
+    per-position outputs, and go on without a mask when the batch has no labels."""
+    if estimator in ("empirical", "batched"):
+        labels = check_targets(targets(), logits)
+        return labels, labels != IGNORE_INDEX
+    if logits.dim() < 3:
+        return None, None
+    try:
+        labels = targets()
+    except MissingLabelsError:
+        return None, None
+    if labels is None:
+        return None, None
+    labels = check_targets(labels, logits)
+    return labels, labels != IGNORE_INDEX
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -120,19 +173,55 @@ def output_vectors(
 ) -> list[Tensor]:
     """The vectors v (shaped like the logits) whose per-sample backpropagation gives the estimator's gradients."""
     z = logits.detach().float()
+    labels, mask = labels_and_mask(estimator, logits, targets)
     if estimator == "mas":
-        return [(2 * z).to(logits.dtype)]
-    p = torch.softmax(z, dim=1)
+        return [_masked(2 * z, mask).to(logits.dtype)]
+    p = torch.softmax(z, dim=-1)
+    classes = p.shape[-1]
     if estimator == "exact":
-        # One contiguous [N, C] block per pass: strided views as grad_outputs measured 3-17 % slower on the MLP.
-        return list(exact_vectors(p).transpose(0, 1).contiguous().to(logits.dtype).unbind(0))
+        if p.dim() == 2:
+            # One contiguous [N, C] block per pass: strided views as grad_outputs measured slower (bench/README.md).
+            return list(exact_vectors(p).transpose(0, 1).contiguous().to(logits.dtype).unbind(0))
+        return per_position_exact_vectors(p, mask, logits.dtype)
     if estimator == "sampled":
-        labels = torch.multinomial(p.cpu(), 1, generator=generator).squeeze(1).to(p.device)
+        flat = torch.multinomial(p.reshape(-1, classes).cpu(), 1, generator=generator)
+        labels = flat.reshape(p.shape[:-1]).to(p.device)
     elif estimator == "empirical":
-        labels = check_targets(targets(), logits)
+        labels = labels.clamp_min(0)  # ignored positions are masked below
     else:
         raise ValueError(f"unknown per-sample estimator {estimator!r}; choose one of {PER_SAMPLE_IMPORTANCES}")
-    return [(torch.nn.functional.one_hot(labels, p.shape[1]).to(p.dtype) - p).to(logits.dtype)]
+    v = torch.nn.functional.one_hot(labels, classes).to(p.dtype) - p
+    return [_masked(v, mask).to(logits.dtype)]
+
+
+def _masked(v: Tensor, mask: Tensor | None) -> Tensor:
+    return v if mask is None else v * mask.unsqueeze(-1).to(v.dtype)
+
+
+def per_position_exact_vectors(p: Tensor, mask: Tensor | None, dtype: torch.dtype) -> list[Tensor]:
+    """The exact Fisher's vectors for per-position outputs: for each position t and k < C, w_k(p_t) at position t
+    and zero elsewhere, since Σ_t J_tᵀ (diag(p_t) − p_t p_tᵀ) J_t needs each position's factors apart (their sum
+    would add cross-position terms). Positions masked in every sample of the batch are skipped."""
+    n, classes = p.shape[0], p.shape[-1]
+    flat = p.reshape(n, -1, classes)  # [N, T, C], T the positions
+    keep = torch.ones(flat.shape[:2], dtype=torch.bool, device=p.device) if mask is None else mask.reshape(n, -1)
+    positions = keep.any(0).nonzero().flatten().tolist()
+    passes = len(positions) * (classes - 1)
+    if passes > MAX_EXACT_PASSES:
+        raise ValueError(
+            f"the 'exact' Fisher of per-position logits {tuple(p.shape)} takes one backward pass per position and "
+            f"class but one: {len(positions)} × {classes - 1} = {passes} for this batch, more than MAX_EXACT_PASSES = "
+            f"{MAX_EXACT_PASSES}. Use fisher='sampled' (unbiased: the labels drawn from the model at every position, "
+            "one backward pass), or raise lightning_ewc.fisher.MAX_EXACT_PASSES if the time is yours to spend"
+        )
+    vectors = []
+    for t in positions:
+        factors = exact_vectors(flat[:, t]) * keep[:, t, None, None].to(flat.dtype)  # [N, C − 1, C]
+        for k in range(classes - 1):
+            v = torch.zeros_like(flat)
+            v[:, t] = factors[:, k]
+            vectors.append(v.reshape(p.shape).to(dtype))
+    return vectors
 
 
 def exact_vectors(p: Tensor) -> Tensor:
@@ -252,7 +341,7 @@ def accumulate_importance(
     if logits_fn is None:
         logits_fn = lambda batch: model(default_inputs(batch))  # noqa: E731
     targets_fn = default_targets if targets_fn is None else targets_fn
-    checked_logits = lambda batch: check_logits(logits_fn(batch), estimator)  # noqa: E731
+    checked_logits = lambda batch: check_logits(logits_fn(batch), estimator, batch_size_of(batch))  # noqa: E731
     # The pass needs autograd whatever the caller's context: under torch.no_grad() it enables it, and under
     # torch.inference_mode() it leaves inference mode, taking copies of the batches made there (autograd cannot
     # save inference tensors for backward). Nothing it creates leaks out: the result is detached sums.
@@ -279,10 +368,11 @@ def _batched_sums(params, batches, logits_fn, targets_fn) -> ImportanceSums:
     count = 0
     for batch in batches:
         logits = logits_fn(batch)
-        labels = check_targets(targets_fn(batch), logits)
-        with torch.enable_grad():
-            log_lik = torch.log_softmax(logits.float(), dim=1).gather(1, labels.unsqueeze(1)).mean()
-            grads = torch.autograd.grad(log_lik, [params[n] for n in names], allow_unused=True)
+        labels, kept = labels_and_mask("batched", logits, lambda: targets_fn(batch))
+        log_p = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        # each sample's log-likelihood sums its kept positions; the mean is over the mini-batch's samples
+        log_lik = (log_p * kept).reshape(logits.shape[0], -1).sum(1).mean()
+        grads = torch.autograd.grad(log_lik, [params[n] for n in names], allow_unused=True)
         for name, g in zip(names, grads):
             if g is not None:
                 sums[name] += g.float().square()

@@ -712,11 +712,17 @@ def test_model_returning_a_tuple_points_to_ewc_logits_and_logits_fn():
         estimate_fisher(model, _batches(), "exact")
 
 
-@pytest.mark.parametrize("reshape", [lambda z: z.sum(1), lambda z: z.unsqueeze(1)], ids=["1d", "3d"])
 @pytest.mark.parametrize("estimator", ["exact", "empirical"])
-def test_logits_not_batch_by_classes_are_rejected(reshape, estimator):
+def test_logits_without_a_class_dimension_are_rejected(estimator):
     with pytest.raises(ValueError, match=re.escape("[batch, classes]")):
-        estimate_fisher(_Wrap(reshape), _batches(), estimator)
+        estimate_fisher(_Wrap(lambda z: z.sum(1)), _batches(), estimator)
+
+
+@pytest.mark.parametrize("estimator", ["exact", "empirical"])
+def test_per_position_labels_must_match_the_logits_positions(estimator):
+    """[N, 1, C] logits are per-position outputs; labels [N] do not say which position they label."""
+    with pytest.raises(ValueError, match=re.escape("the labels must be shaped (4, 1)")):
+        estimate_fisher(_Wrap(lambda z: z.unsqueeze(1)), _batches(), estimator)
 
 
 def test_empirical_without_labels_is_rejected():
