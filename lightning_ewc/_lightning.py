@@ -7,9 +7,9 @@
 
 try:
     from lightning.pytorch import Callback, LightningModule, Trainer
-    from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+    from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
 except ImportError:  # pragma: no cover - exercised only where `lightning` is absent
     from pytorch_lightning import Callback, LightningModule, Trainer
-    from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+    from pytorch_lightning.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
 
-__all__ = ["Callback", "LightningModule", "Trainer", "rank_zero_info", "rank_zero_warn"]
+__all__ = ["Callback", "LightningModule", "Trainer", "move_data_to_device", "rank_zero_info", "rank_zero_warn"]

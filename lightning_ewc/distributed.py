@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-from lightning_ewc.fisher import ImportanceSums, limit_samples, move_to_device
+from lightning_ewc._lightning import move_data_to_device
+from lightning_ewc.fisher import ImportanceSums, limit_samples
 
 
 def rank_of(trainer) -> int:
@@ -51,7 +52,7 @@ def rank_batches(
         # as the training loop hands batches over: on the device, then in the weights' dtype under "bf16-true"/"16-true"
         transfer = lambda b: trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(b))  # noqa: E731
     else:
-        transfer = lambda b: move_to_device(b, device)  # noqa: E731
+        transfer = lambda b: move_data_to_device(b, device)  # noqa: E731
     return (transfer(batch) for batch in limit_samples(loader, limit))
 
 

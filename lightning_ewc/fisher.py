@@ -35,9 +35,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
 
+from lightning_ewc._lightning import move_data_to_device
 from lightning_ewc.per_sample import Batch, PerSampleAccumulator, batch_size_of, finite_or_raise, slice_batch
 
 FISHER_ESTIMATORS = ("exact", "sampled", "empirical", "batched")
@@ -345,7 +346,7 @@ def accumulate_importance(
     # The pass needs autograd whatever the caller's context: under torch.no_grad() it enables it, and under
     # torch.inference_mode() it leaves inference mode, taking copies of the batches made there (autograd cannot
     # save inference tensors for backward). Nothing it creates leaks out: the result is detached sums.
-    batches = (tree_map(_outside_inference, batch) for batch in batches)
+    batches = (apply_to_collection(batch, Tensor, _outside_inference) for batch in batches)
     with evaluation_mode(model), torch.inference_mode(False), torch.enable_grad():
         if estimator == "batched":
             result = _batched_sums(params, batches, checked_logits, targets_fn)
@@ -358,8 +359,8 @@ def accumulate_importance(
     return result
 
 
-def _outside_inference(x: Any) -> Any:
-    return x.clone() if isinstance(x, Tensor) and x.is_inference() else x
+def _outside_inference(x: Tensor) -> Tensor:
+    return x.clone() if x.is_inference() else x
 
 
 def _batched_sums(params, batches, logits_fn, targets_fn) -> ImportanceSums:
@@ -378,10 +379,6 @@ def _batched_sums(params, batches, logits_fn, targets_fn) -> ImportanceSums:
                 sums[name] += g.float().square()
         count += 1
     return ImportanceSums(sums, count, {name: "batched" for name in names})
-
-
-def move_to_device(batch: Batch, device: torch.device) -> Batch:
-    return tree_map(lambda x: x.to(device) if isinstance(x, Tensor) else x, batch)
 
 
 def estimate_fisher(
@@ -422,7 +419,7 @@ def estimate_fisher(
         params = {name: all_params[name] for name in parameters}
     device = next(iter(all_params.values())).device if all_params else torch.device("cpu")
     generator = torch.Generator().manual_seed(seed)
-    batches = (move_to_device(b, device) for b in limit_samples(dataloader, num_samples))
+    batches = (move_data_to_device(b, device) for b in limit_samples(dataloader, num_samples))
     result = accumulate_importance(
         model, batches, estimator, params=params, logits_fn=logits_fn, targets_fn=targets_fn, generator=generator
     )

@@ -47,15 +47,19 @@ class EWCMixin:
 
     # -- user overrides -----------------------------------------------------------------------------------------------
     def ewc_logits(self, batch: Any) -> Tensor:
-        """Logits ``[batch, classes]`` for the importance pass. Default: ``self(x)`` on the batch's inputs.
+        """Logits ``[batch, classes]`` for the importance pass, or ``[batch, positions, classes]`` for per-position
+        outputs (a tagger, a causal LM under teacher forcing). Default: ``self(x)`` on the batch's inputs.
 
         Multi-head models return the head of the task being consolidated, e.g.
         ``return self(batch[0])[:, self.current_task_classes]`` or ``self.heads[self.task_id](self.trunk(x))``.
+        A Hugging Face causal LM returns ``self.model(input_ids=..., attention_mask=...).logits``.
         """
         return self(default_inputs(batch))
 
     def ewc_targets(self, batch: Any) -> Tensor:
-        """True labels (class indices into :meth:`ewc_logits`), used by the ``empirical``/``batched`` estimators."""
+        """True labels (class indices into :meth:`ewc_logits`), shaped like the logits without their class dimension,
+        -100 where a position is to be left out (padding, a prompt); the ``empirical``/``batched`` estimators read
+        them, the others only their -100 mask of per-position outputs."""
         return default_targets(batch)
 
     # -- penalty ------------------------------------------------------------------------------------------------------
