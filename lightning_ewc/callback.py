@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
 from lightning_ewc._lightning import Callback, rank_zero_info, rank_zero_warn
@@ -21,7 +22,15 @@ from lightning_ewc.consolidation import (
     quadratic_penalty,
     require_keys,
 )
-from lightning_ewc.distributed import on_every_rank, rank_batches, rank_of
+from lightning_ewc.distributed import (
+    check_strategy,
+    gather_full,
+    local,
+    on_every_rank,
+    rank_batches,
+    rank_of,
+    shard_of,
+)
 from lightning_ewc.fisher import FISHER_ESTIMATORS, ImportanceSums, accumulate_importance
 from lightning_ewc.importance import IMPORTANCES, PathIntegral, uniform_importance
 from lightning_ewc.structure import structure_generation
@@ -109,6 +118,8 @@ class EWCCallback(Callback):
         self._penalty_cache: tuple | None = None
         self._owned_cache: tuple | None = None  # (optimizer id, its parameter count, their ids) within one fit
         self._fit_start_step: int | None = None
+        # sharded (DTensor) parameters by name: the state holds their local shards; their layout serves checkpoints
+        self._sharded: dict[str, DTensor] = {}
 
     # ------------------------------------------------------------------------------------------------------------------
     # Properties
@@ -153,10 +164,12 @@ class EWCCallback(Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         # here rather than in setup(): a module may create its parameters in configure_model, which comes after
         self._check_patterns(pl_module)
+        check_strategy(trainer, self.selected_parameters(pl_module))
         self._fit_start_step = trainer.global_step
         self._owned_cache = None  # each fit makes new optimizers, which may reuse a freed one's id()
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self._localize(pl_module)
         if self.path_integral is not None:
             if not self.path_integral.active:
                 self.path_integral.begin_task(self.selected_parameters(pl_module))
@@ -185,7 +198,14 @@ class EWCCallback(Callback):
             )
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"version": 1, "consolidated": self.state.state_dict(), "importance": self.importance_name}
+        """The state, with full-size tensors also for sharded parameters (gathered: every rank must call it, as
+        Lightning does when it saves a checkpoint), so that a checkpoint loads with any number of ranks."""
+        consolidated = self.state.state_dict()
+        for name, like in self._sharded.items():
+            for table in ("importance", "centre"):
+                if name in consolidated[table]:
+                    consolidated[table][name] = gather_full(consolidated[table][name], like)
+        state = {"version": 1, "consolidated": consolidated, "importance": self.importance_name}
         if self.path_integral is not None:
             state["path_integral"] = self.path_integral.state_dict()
         return state
@@ -211,6 +231,7 @@ class EWCCallback(Callback):
             loaded.gamma = self.state.gamma
         loaded.hold_squared(self.penalty_via == "gradient")
         self.state = loaded
+        self._sharded = {}  # the loaded tensors are full-size; _localize cuts this rank's shards once it sees the module
         self._version += 1
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -254,12 +275,19 @@ class EWCCallback(Callback):
                 f"EWCCallback selected no parameter (include={self.include}, exclude={self.exclude}); trainable names "
                 f"look like {[n for n, p in pl_module.named_parameters() if p.requires_grad][:5]}"
             )
+        self._localize(pl_module)
+        if any(isinstance(p, DTensor) for p in params.values()) and self.importance_name == "si":
+            raise NotImplementedError(
+                "SI with sharded parameters (FSDP2) is not supported: its path integral would need the optimizer's "
+                "sharded steps; use importance='fisher', 'mas' or 'l2' there"
+            )
         started = time.perf_counter()
         importance, detail = self._estimate(pl_module, params, dataloader, trainer)
         what = f"the {self.importance_name!r} importance" if self.importance_name != "fisher" else (
             f"the {self.fisher!r} Fisher"
         )
-        self.state.consolidate(importance, {name: p.detach() for name, p in params.items()}, what=what)
+        self.state.consolidate(importance, {name: local(p.detach()) for name, p in params.items()}, what=what)
+        self._sharded.update({name: p for name, p in params.items() if isinstance(p, DTensor)})
         if self.path_integral is not None:
             self.path_integral.end_task()
         self._version += 1
@@ -271,7 +299,7 @@ class EWCCallback(Callback):
 
     def _estimate(self, pl_module, params, dataloader, trainer) -> tuple[dict[str, Tensor], str]:
         if self.importance_name == "l2":
-            return uniform_importance(params), ""
+            return uniform_importance({name: local(p) for name, p in params.items()}), ""
         if self.importance_name == "si":
             if not self.path_integral.active:
                 raise RuntimeError(
@@ -303,7 +331,9 @@ class EWCCallback(Callback):
                 generator=generator,
             )
 
-        sums = on_every_rank(this_rank, trainer, f"estimating the {estimator!r} importance of task {task + 1}")
+        sums = on_every_rank(
+            this_rank, trainer, f"estimating the {estimator!r} importance of task {task + 1}", params=params
+        )
         self.last_estimate = sums
         routes = sorted(set(sums.routes.values()))
         return sums.mean(), f", {sums.count} {'batches' if estimator == 'batched' else 'samples'}, {'+'.join(routes)}"
@@ -338,11 +368,12 @@ class EWCCallback(Callback):
         if not params:
             device = next(pl_module.parameters()).device if any(True for _ in pl_module.parameters()) else None
             return torch.zeros((), device=device)
+        shards = [local(p) for p in params]  # each rank's part of the sum over a sharded parameter's entries
         if self.penalty_via == "gradient":
-            quadratic = penalty_from_squared(params, first, second)
+            quadratic = penalty_from_squared(shards, first, second)
         else:
-            quadratic = quadratic_penalty(first, second, params)
-        return (0.5 * self.ewc_lambda) * (quadratic + self.state.constant)
+            quadratic = quadratic_penalty(first, second, shards)
+        return (0.5 * self.ewc_lambda) * (quadratic + self.state.constant / self._ranks_sharing(params))
 
     def add_penalty_gradient(self, pl_module: nn.Module, optimizer=None) -> None:
         """Adds λ F ⊙ (θ − c) to the ``.grad`` of the consolidated parameters (those of ``optimizer`` if given)."""
@@ -358,12 +389,39 @@ class EWCCallback(Callback):
             if params[i].grad is None:  # as autograd would: the penalty alone gives it a gradient
                 params[i].grad = torch.zeros_like(params[i])
         add_penalty_gradient(
-            [params[i].grad for i in chosen],
-            [params[i].detach() for i in chosen],
+            [local(params[i].grad) for i in chosen],  # a sharded parameter's gradient is sharded like it
+            [local(params[i].detach()) for i in chosen],
             [fisher[i] for i in chosen],
             [centres[i] for i in chosen],
             self.ewc_lambda,
         )
+
+    @staticmethod
+    def _ranks_sharing(params: list[Tensor]) -> int:
+        """How many ranks each hold a part of the penalty: the ranks of the sharding, 1 without sharding."""
+        return next((p.device_mesh.size() for p in params if isinstance(p, DTensor)), 1)
+
+    def sharded(self, pl_module: nn.Module) -> bool:
+        """Whether the consolidated parameters are sharded: each rank's penalty is then its part of the whole."""
+        return any(isinstance(p, DTensor) for p in self._aligned(pl_module)[0])
+
+    def _localize(self, pl_module: nn.Module) -> None:
+        """Cuts this rank's shard out of full-size state (from a checkpoint, saved with any number of ranks) for every
+        parameter that is sharded now; no communication."""
+        named = dict(pl_module.named_parameters())
+        changed = False
+        for name in list(self.state.centre):
+            p = named.get(name)
+            if not isinstance(p, DTensor) or self.state.centre[name].shape == p.to_local().shape:
+                continue
+            if self.state.centre[name].shape != p.shape:
+                continue  # left for the resize check, which names it
+            for table in (self.state.fisher if self.state.squared else self.state.root_importance, self.state.centre):
+                table[name] = shard_of(table[name], p)
+            self._sharded[name] = p
+            changed = True
+        if changed:
+            self._version += 1
 
     def _owned_ids(self, optimizer) -> set[int]:
         count = sum(len(group["params"]) for group in optimizer.param_groups)  # add_param_group changes it
@@ -400,9 +458,10 @@ class EWCCallback(Callback):
                     f"keep the module's structure across tasks, or drop it from the penalty with exclude=[{name!r}]"
                 )
             p = named[name]
-            if p.shape != root.shape:
+            if local(p).shape != root.shape:
                 raise ValueError(
-                    f"parameter {name!r} has shape {tuple(p.shape)} but was consolidated with shape {tuple(root.shape)}; "
+                    f"parameter {name!r} has shape {tuple(local(p).shape)} but was consolidated with shape "
+                    f"{tuple(root.shape)}; "
                     f"EWC cannot anchor a resized parameter. Give new classes a new parameter (e.g. a new head "
                     f"module), or leave it out with exclude=[{name!r}]"
                 )

@@ -1,5 +1,10 @@
-"""What the importance pass needs from the strategy: each rank's share of the data, one reduction of the sums, and
-an agreement on failure so that an error on one rank is raised on every rank with its cause.
+"""What EWC needs from the strategy: each rank's share of the data, one reduction of the sums, an agreement on failure
+so that an error on one rank is raised on every rank with its cause, and the layout of sharded parameters.
+
+Sharded parameters (FSDP2's ``fully_shard``, as Lightning's ``ModelParallelStrategy`` applies it) are DTensors: each
+rank holds a shard of every parameter, and EWC's state for a parameter is kept for the local shard only, so a rank
+holds 2 × its shard's bytes. The importance pass computes full-size sums from each rank's data (the per-sample rules
+see whole layers while FSDP has them gathered) and reduce-scatters them, so each rank keeps only its shard of the sum.
 
 Kept apart from the callback's hooks because none of it depends on when it runs, only on the Trainer's strategy (or
 on no Trainer at all: one process, the whole dataset).
@@ -11,6 +16,8 @@ import pickle
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
+from torch import Tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from lightning_ewc._lightning import move_data_to_device
@@ -77,8 +84,70 @@ def shard(
     )
 
 
-def on_every_rank(compute: Callable[[], ImportanceSums], trainer, what: str) -> ImportanceSums:
+# ----------------------------------------------------------------------------------------------------------------------
+# Sharded parameters
+# ----------------------------------------------------------------------------------------------------------------------
+# Strategies that shard parameters without DTensors (flat parameters, ZeRO partitions): EWC would see fragments or
+# full-size placeholders, so they are refused by name (both Lightning namespaces) rather than computed wrongly.
+UNSUPPORTED_STRATEGIES = {
+    "FSDPStrategy": "FSDP (version 1) flattens parameters",
+    "DeepSpeedStrategy": "DeepSpeed ZeRO partitions parameters outside DTensor",
+}
+
+
+def check_strategy(trainer, params: dict[str, Tensor]) -> None:
+    """Refuses a strategy whose sharding EWC does not handle, before anything trains."""
+    for cls in type(trainer.strategy).__mro__:
+        if cls.__name__ in UNSUPPORTED_STRATEGIES:
+            raise NotImplementedError(
+                f"EWCCallback does not support {type(trainer.strategy).__name__} ({UNSUPPORTED_STRATEGIES[cls.__name__]}):"
+                " its state and Fisher would be computed on fragments of the parameters. Use Lightning's "
+                "ModelParallelStrategy with torch's fully_shard (FSDP2) in configure_model, or strategy='ddp'"
+            )
+    world = trainer.world_size
+    for name, p in params.items():
+        if not isinstance(p, DTensor):
+            continue
+        mesh = p.device_mesh
+        if mesh.ndim != 1 or mesh.size() != world or not all(isinstance(pl, (Shard, Replicate)) for pl in p.placements):
+            raise NotImplementedError(
+                f"parameter {name!r} is a DTensor on a {mesh.ndim}-D mesh of {mesh.size()} ranks with placements "
+                f"{p.placements}; EWCCallback supports data-parallel sharding only (FSDP2 over all {world} ranks, "
+                "ModelParallelStrategy(tensor_parallel_size=1)): with tensor parallelism the ranks of a group see the "
+                "same data, which the importance pass would count twice"
+            )
+
+
+def local(t: Tensor) -> Tensor:
+    """This rank's shard of a sharded tensor (differentiable), the tensor itself otherwise."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def reduce_to_shard(full: Tensor, like: DTensor) -> Tensor:
+    """Σ over ranks of each rank's full-size ``full``, of which this rank keeps only its shard in ``like``'s layout
+    (one reduce-scatter)."""
+    mesh = like.device_mesh
+    partial = DTensor.from_local(full, mesh, [Partial()] * mesh.ndim, run_check=False, shape=like.shape,
+                                 stride=like.stride())
+    return partial.redistribute(mesh, like.placements).to_local()
+
+
+def shard_of(full: Tensor, like: DTensor) -> Tensor:
+    """This rank's shard, in ``like``'s layout, of a full-size tensor that every rank holds (no communication)."""
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None).to_local()
+
+
+def gather_full(shard: Tensor, like: DTensor) -> Tensor:
+    """The full-size tensor whose shards the ranks hold, on every rank (an all-gather: call it on every rank)."""
+    return DTensor.from_local(shard, like.device_mesh, like.placements, run_check=False, shape=like.shape,
+                              stride=like.stride()).full_tensor()
+
+
+def on_every_rank(
+    compute: Callable[[], ImportanceSums], trainer, what: str, params: dict[str, Tensor] | None = None
+) -> ImportanceSums:
     """``compute()`` on this rank's share, then the sums over ranks, or the first failing rank's error on every rank.
+    The sums of sharded ``params`` are full-size from ``compute()`` and come back as this rank's shard.
 
     Each rank's pass may fail on its own data (a NaN, a label out of range) before the collective that sums the
     ranks' results; a rank that raised there would leave the others waiting in that collective (NCCL) or dying with
@@ -102,7 +171,7 @@ def on_every_rank(compute: Callable[[], ImportanceSums], trainer, what: str) -> 
     failed = status[:world].nonzero().flatten().tolist()
     if failed:
         raise_everywhere(strategy, rank, failed[0], error, what)
-    return _sum_over_ranks(sums, int(status[world]), strategy)
+    return _sum_over_ranks(sums, int(status[world]), strategy, params or {})
 
 
 def raise_everywhere(strategy, rank: int, source: int, error: BaseException | None, what: str):
@@ -126,14 +195,16 @@ def raise_everywhere(strategy, rank: int, source: int, error: BaseException | No
     raise RuntimeError(f"{type(copy).__name__}: {copy} {note}") from copy
 
 
-def _sum_over_ranks(sums: ImportanceSums, count: int, strategy) -> ImportanceSums:
-    """The sums over ranks in one collective, in their own dtype (float32: not every accelerator has float64)."""
-    names = list(sums.sums)
-    flat = torch.cat([sums.sums[n].reshape(-1) for n in names])
-    flat = strategy.reduce(flat, reduce_op="sum")
-    out, offset = {}, 0
-    for n in names:
-        t = sums.sums[n]
-        out[n] = flat[offset : offset + t.numel()].view_as(t)
-        offset += t.numel()
-    return ImportanceSums(out, count, sums.routes, sums.fused)
+def _sum_over_ranks(sums: ImportanceSums, count: int, strategy, params: dict[str, Tensor]) -> ImportanceSums:
+    """The sums over ranks in their own dtype (float32: not every accelerator has float64): the replicated ones in one
+    all-reduce, each sharded one in a reduce-scatter to this rank's shard."""
+    out = {n: reduce_to_shard(t, params[n]) for n, t in sums.sums.items() if isinstance(params.get(n), DTensor)}
+    names = [n for n in sums.sums if n not in out]
+    if names:
+        flat = strategy.reduce(torch.cat([sums.sums[n].reshape(-1) for n in names]), reduce_op="sum")
+        offset = 0
+        for n in names:
+            t = sums.sums[n]
+            out[n] = flat[offset : offset + t.numel()].view_as(t)
+            offset += t.numel()
+    return ImportanceSums({n: out[n] for n in sums.sums}, count, sums.routes, sums.fused)

@@ -85,6 +85,11 @@ class EWCMixin:
             )
         return found
 
+    def _ewc_log(self, callback, penalty: Tensor) -> None:
+        # With sharded parameters each rank holds its part of the penalty: the logged value is their sum.
+        sharded = callback.sharded(self)
+        self.log("ewc/penalty", penalty, on_step=True, on_epoch=False, sync_dist=sharded, reduce_fx="sum")
+
     def _ewc_add_to(self, output: Any) -> Any:
         if output is None or not self.automatic_optimization:
             return output
@@ -94,11 +99,11 @@ class EWCMixin:
         logs = self.trainer.training and _logs_this_step(self.trainer)  # not for training_step called by hand
         if callback.penalty_via == "gradient":  # the callback adds the gradient before the optimizer step
             if logs:
-                self.log("ewc/penalty", callback.penalty(self), on_step=True, on_epoch=False)
+                self._ewc_log(callback, callback.penalty(self))
             return output
         penalty = callback.penalty(self)
         if logs:
-            self.log("ewc/penalty", penalty.detach(), on_step=True, on_epoch=False)
+            self._ewc_log(callback, penalty.detach())
         if isinstance(output, Tensor):
             return output + penalty
         if isinstance(output, Mapping) and "loss" in output:

@@ -45,14 +45,14 @@ def ddp_run(tmp_path_factory, mnist_dir):
     return ranks, output
 
 
-def run_ddp_script(script: Path, out: Path) -> str:
+def run_ddp_script(script: Path, out: Path, *args: str) -> str:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), str(TESTS), env.get("PYTHONPATH", "")) if p)
     env[DATA_ENV] = str(data_dir())
     env.pop("LOCAL_RANK", None)  # the launcher must start rank 1 itself
     started = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, str(script), str(out)],
+        [sys.executable, str(script), str(out), *args],
         cwd=REPO,
         env=env,
         capture_output=True,
