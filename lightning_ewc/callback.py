@@ -33,6 +33,7 @@ from lightning_ewc.distributed import (
 )
 from lightning_ewc.fisher import FISHER_ESTIMATORS, ImportanceSums, accumulate_importance
 from lightning_ewc.importance import IMPORTANCES, PathIntegral, uniform_importance
+from lightning_ewc.mixin import EWCMixin
 from lightning_ewc.structure import structure_generation
 
 FisherData = DataLoader | Callable[[Any], Iterable] | None
@@ -70,6 +71,9 @@ class EWCCallback(Callback):
             loss then excludes the penalty: ``ewc/penalty`` is still logged, but an optimizer that re-evaluates the
             loss in a closure (LBFGS) must use ``"loss"``.
     """
+
+    #: How :class:`EWCMixin` recognises the callback on a Trainer without importing this module.
+    provides_ewc_penalty = True
 
     def __init__(
         self,
@@ -153,8 +157,6 @@ class EWCCallback(Callback):
     # Lightning hooks
     # ------------------------------------------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
-        from lightning_ewc.mixin import EWCMixin
-
         if not isinstance(pl_module, EWCMixin):
             raise TypeError(
                 f"EWCCallback needs the LightningModule to inherit EWCMixin so that the penalty reaches the loss: "
