@@ -37,7 +37,7 @@ def test_consolidates_weights_and_fisher_of_the_task_at_the_end_of_fit(task_data
     for name in want:
         torch.testing.assert_close(callback.state.importance[name], want[name], rtol=1e-5, atol=1e-9)
     assert callback.last_estimate.count == len(task_data[0])
-    assert set(callback.last_estimate.routes.values()) == {"tap"}
+    assert set(callback.last_estimate.routes.values()) == {"linear"}
     # heads of other tasks did not take part in task 0's log-likelihood
     assert callback.state.importance["heads.1.weight"].abs().sum() == 0
     assert callback.state.importance["heads.0.weight"].abs().sum() > 0

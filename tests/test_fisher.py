@@ -193,7 +193,8 @@ def test_estimator_matches_brute_force_and_leaves_model_state_untouched(estimato
     # Every parameter of this model is on the fast path (ReLU(inplace=True) after BatchNorm must not push BatchNorm
     # off it).
     routes = accumulate_importance(model, loader, "exact", logits_fn=logits_fn).routes
-    assert routes == {name: "tap" for name, _ in model.named_parameters()}
+    fused = {"features.0.weight", "features.0.bias", "features.1.weight", "features.1.bias"}
+    assert routes == {name: "conv+batchnorm" if name in fused else "linear" for name, _ in model.named_parameters()}
 
 
 def softmax_covariance(z: torch.Tensor) -> torch.Tensor:
@@ -279,7 +280,7 @@ def test_batched_is_mean_over_minibatches_of_squared_minibatch_gradient():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 2. Fast-path ("tap") layer types
+# 2. Fast-path (closed-form) layer types
 # ----------------------------------------------------------------------------------------------------------------------
 class Linear3D(nn.Module):
     def __init__(self):
@@ -404,6 +405,22 @@ TAP_CASES = {
 }
 
 
+# The closed-form routes each case's parameters take (the head is a Linear).
+TAP_ROUTES = {
+    "conv2d_grouped": {"conv", "linear"},
+    "linear_3d_input": {"linear"},
+    "linear_called_twice": {"linear"},
+    "conv1d": {"conv", "linear"},
+    "conv2d_stride_dilation_padding_nobias": {"conv", "linear"},
+    "conv2d_first_layer_unfold": {"conv", "linear"},
+    "batchnorm1d": {"batchnorm", "linear"},
+    "layernorm_3d": {"layernorm", "linear"},
+    "groupnorm": {"groupnorm", "linear"},
+    "embedding_padding_repeats": {"embedding", "linear"},
+}
+FALLBACK_ROUTES = {"vmap", "loop"}
+
+
 @pytest.mark.parametrize("estimator", ["exact", "mas"])
 @pytest.mark.parametrize("case", list(TAP_CASES))
 def test_tapped_layer_matches_brute_force_on_tap_route(case, estimator):
@@ -418,7 +435,8 @@ def test_tapped_layer_matches_brute_force_on_tap_route(case, estimator):
     result = accumulate_importance(model, batches, estimator)
 
     assert result.count == 7
-    assert result.routes == {name: "tap" for name, _ in model.named_parameters()}
+    assert set(result.routes) == {name for name, _ in model.named_parameters()}
+    assert set(result.routes.values()) == TAP_ROUTES[case]
     assert_matches({n: s / result.count for n, s in result.sums.items()}, ref)
     if case == "embedding_padding_repeats":
         assert torch.count_nonzero(result.sums["emb.weight"][0]) == 0  # padding row
@@ -467,7 +485,7 @@ def test_conv_then_batchnorm_from_batchnorm_output_gradient_matches_brute_force(
     result = accumulate_importance(model, batches, estimator)
 
     assert result.fused == fused
-    assert set(result.routes.values()) == {"tap"}
+    assert not set(result.routes.values()) & FALLBACK_ROUTES
     assert_matches({n: s / result.count for n, s in result.sums.items()}, ref)
 
 
@@ -489,7 +507,7 @@ def test_small_memory_bounds_split_conv_batches_into_chunks_with_the_same_result
     for net, x in cases:
         batches = split(x, torch.randint(0, 3, (7,), generator=gen), sizes=[4, 3])
         result = accumulate_importance(net, batches, estimator)
-        assert set(result.routes.values()) == {"tap"}
+        assert not set(result.routes.values()) & FALLBACK_ROUTES
         assert_matches({n: s / result.count for n, s in result.sums.items()}, reference(net, batches, estimator))
 
 
@@ -508,7 +526,7 @@ def test_app_cnn_on_mnist_matches_brute_force_with_both_blocks_fused(mnist_dir, 
     result = accumulate_importance(model, batches, estimator)
 
     assert result.fused == [("0.features.0", "0.features.1"), ("0.features.4", "0.features.5")]
-    assert set(result.routes.values()) == {"tap"}
+    assert not set(result.routes.values()) & FALLBACK_ROUTES
     assert_matches({n: s / result.count for n, s in result.sums.items()}, reference(model, batches, estimator))
 
 
@@ -556,8 +574,8 @@ def test_untapped_parameters_use_vmap_and_match_brute_force(estimator):
         "conv.bias": "vmap",
         "prelu.weight": "vmap",
         "scale": "vmap",
-        "head.weight": "tap",
-        "head.bias": "tap",
+        "head.weight": "linear",
+        "head.bias": "linear",
     }
     assert_matches({n: s / result.count for n, s in result.sums.items()}, ref)
 
@@ -574,11 +592,11 @@ def test_model_calling_item_falls_back_to_loop_and_matches_brute_force(estimator
     result = accumulate_importance(model, batches, estimator)
 
     assert result.routes == {
-        "fc.weight": "tap",
-        "fc.bias": "tap",
+        "fc.weight": "linear",
+        "fc.bias": "linear",
         "prelu.weight": "loop",
-        "head.weight": "tap",
-        "head.bias": "tap",
+        "head.weight": "linear",
+        "head.bias": "linear",
     }
     assert_matches({n: s / result.count for n, s in result.sums.items()}, ref)
 
@@ -606,8 +624,8 @@ def test_tied_embedding_weight_leaves_tap_route_and_matches_brute_force(estimato
     ref = reference(model, batches, estimator)
     result = accumulate_importance(model, batches, estimator)
 
-    assert result.routes["emb.weight"] != "tap"
-    assert result.routes["fc.weight"] == result.routes["fc.bias"] == "tap"
+    assert result.routes["emb.weight"] in FALLBACK_ROUTES
+    assert result.routes["fc.weight"] == result.routes["fc.bias"] == "linear"
     assert_matches({n: s / result.count for n, s in result.sums.items()}, ref)
 
 

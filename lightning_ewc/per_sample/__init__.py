@@ -7,25 +7,34 @@ samples of gradients, and squaring a sum is not a sum of squares, so we need per
 chosen per parameter, all exact:
 
 1. **Taps** on layers whose per-sample gradient is a known function of the layer's input ``a`` and the gradient
-   ``g`` at its output (Linear, Conv1d/2d, BatchNorm in eval mode, LayerNorm, GroupNorm, Embedding). One forward
+   ``g`` at its output (Linear and its subclasses that keep its forward, transformers' Conv1D, Conv1d/2d,
+   BatchNorm in eval mode, LayerNorm, RMSNorm, GroupNorm, Embedding, MultiheadAttention's projections). One forward
    and one backward *to the layer outputs* per vector ``v`` gives every ``g``. For a Linear layer called once on
    2-D input the per-sample gradient is the outer product ``g_n a_nᵀ``, so ``Σ_n (g_n a_nᵀ)² = (g²)ᵀ(a²)`` and
-   ``Σ_n |g_n a_nᵀ| = |g|ᵀ|a|``: one matrix product, nothing materialised. A conv whose output goes straight into
-   an eval-mode BatchNorm gets both layers' gradients from the BatchNorm's output gradient, so the backward stops
-   there (``rules/conv_batchnorm.py``).
+   ``Σ_n |g_n a_nᵀ| = |g|ᵀ|a|``: one matrix product, nothing materialised; on a sequence, ``Σ_l g_nl a_nlᵀ`` is
+   materialised a bounded chunk of samples at a time. A conv whose output goes straight into an eval-mode BatchNorm
+   gets both layers' gradients from the BatchNorm's output gradient, so the backward stops there
+   (``rules/conv_batchnorm.py``). MultiheadAttention runs a forward of its own during the pass, whose q, k and v
+   projections are observable (``rules/attention.py``). A weight several tapped modules own (an LM head tied to
+   the embedding) adds their per-sample contributions before the square (``rules/tied.py``).
 2. **vmap**: ``torch.func.vmap(grad(...))`` over the samples, for every other parameter.
 3. **loop**: one sample at a time, when vmap cannot trace the model (data-dependent Python, ``.item()``, ...).
 
-A first-batch self-check compares the taps' summed gradient with autograd's batch gradient, so a tapped weight that
-is also used outside its module (tied weights through ``F.linear``) moves to the exact fallback instead of being
-silently wrong, and a conv whose output also feeds something besides its BatchNorm is computed on its own.
+The samples need not be along dim 0 inside the model: a first-batch probe finds, for every tapped call, the dim that
+grows with the number of samples (dim 1 of a sequence-first Transformer's ``[T, N, D]``), or finds none (a position
+embedding looked up once for the batch, whose output is then expanded to one copy per sample). The first-batch
+self-check then compares the tapped forward's logits with the model's, checks that samples stay apart, and compares
+the taps' summed gradient with autograd's batch gradient, so a tapped weight that is also used outside its module
+call (tied weights through ``F.linear``) moves to the exact fallback instead of being silently wrong, and a conv whose
+output also feeds something besides its BatchNorm is computed on its own.
 
 Where each part lives:
 
 - ``accumulator.py``: the engine (``PerSampleAccumulator``): taps, the forward, one backward per vector, the sums.
 - ``rules/``: one module per layer family, each a ``LayerRule`` (``rules/base.py``); ``rules/__init__.py`` lists
-  them in the order they are tried. ``rules/conv_batchnorm.py`` is the conv → eval-BatchNorm fusion.
-- ``fallback.py``: the vmap and loop routes. ``self_check.py``: the first-batch self-check. ``taps.py``: the hooks.
+  them in the order they are tried. ``rules/conv_batchnorm.py`` is the conv → eval-BatchNorm fusion,
+  ``rules/tied.py`` the shared weights.
+- ``fallback.py``: the vmap and loop routes. ``self_check.py``: the first-batch checks. ``taps.py``: the hooks.
 - ``batches.py``, ``sums.py``, ``limits.py``: batch slicing, the reduction and the finite check, memory bounds.
 """
 

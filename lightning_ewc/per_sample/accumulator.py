@@ -5,18 +5,26 @@ fallback. The route for each parameter is decided once, by the first-batch self-
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from lightning_ewc.per_sample.batches import Batch
+from lightning_ewc.per_sample.batches import Batch, batch_size_of
 from lightning_ewc.per_sample.fallback import ExactFallback
-from lightning_ewc.per_sample.rules import ConvRule, LinearRule, rule_for
+from lightning_ewc.per_sample.rules import AttentionRule, ConvRule, LinearRule, bypassed_submodules, rule_for
 from lightning_ewc.per_sample.rules.conv import ConvChunks, reduced_conv_sums
 from lightning_ewc.per_sample.rules.conv_batchnorm import conv_batchnorm_sums, fused_pairs
-from lightning_ewc.per_sample.self_check import check_taps, first_samples
+from lightning_ewc.per_sample.rules.tied import Use, tied_sums
+from lightning_ewc.per_sample.self_check import (
+    check_taps,
+    first_samples,
+    isolation,
+    place_samples,
+    same_logits,
+)
 from lightning_ewc.per_sample.sums import Reduction, reduce_per_sample
 from lightning_ewc.per_sample.taps import Tap
 
@@ -26,10 +34,15 @@ OutputGrads = Callable[[Tensor, Batch], Sequence[Tensor]]
 """Given the logits [N, ...] of a batch (and the batch), the vectors v (same shape as the logits) to backpropagate;
 one vector per backward pass (e.g. C − 1 for the exact Fisher over C classes)."""
 
+FUSED_ROUTE = "conv+batchnorm"
+
 
 @dataclass
 class PerSampleReport:
-    """Which route each parameter took (``tap``, ``vmap`` or ``loop``); logged once per estimation."""
+    """Which route each parameter took: the closed-form rule that computed it (``linear``, ``attention``, ``conv``,
+    ``conv+batchnorm``, ``batchnorm``, ``layernorm``, ``rmsnorm``, ``groupnorm``, ``embedding``, ``conv1d``; rules
+    joined by ``+`` for a weight several modules share, e.g. ``embedding+linear``), or the exact fallback, ``vmap``
+    or ``loop``. Logged once per estimation."""
 
     routes: dict[str, str] = field(default_factory=dict)
     # (conv, BatchNorm) module names whose per-sample gradients came from the BatchNorm's output gradient alone
@@ -64,11 +77,20 @@ class PerSampleAccumulator:
         self.count = 0
         self.report = PerSampleReport()
         self._taps = self._build_taps()
+        # Attention modules that run a forward of their own during the pass (``rules/attention.py``): those with a
+        # tapped projection or out_proj.
+        tapped_modules = {id(tap.module) for tap in self._taps}
+        self._overrides = [
+            m
+            for m in model.modules()
+            if AttentionRule().applies(m) and (id(m) in tapped_modules or id(m.out_proj) in tapped_modules)
+        ]
+        self._tied_names: set[str] = set()
         self._fallback = ExactFallback(model, logits_fn, reduction, self.report.routes)
-        tapped = self._tapped_names()
         for name, p in params.items():
-            if name in tapped:
-                self.report.routes[name] = "tap"
+            routes = sorted({tap.rule.route for tap in self._taps if name in tap.names.values()})
+            if routes:
+                self.report.routes[name] = "+".join(routes)
             else:
                 self._fallback.add_param(name, p)
         self._checked = False
@@ -78,26 +100,59 @@ class PerSampleAccumulator:
     # -- set-up ---------------------------------------------------------------------------------------------------
     def _build_taps(self) -> list[Tap]:
         by_id = {id(p): name for name, p in self.params.items()}
-        owners: dict[int, int] = {}
+        owners: dict[int, list[int]] = {}
         for module in self.model.modules():
             for p in module.parameters(recurse=False):
-                owners[id(p)] = owners.get(id(p), 0) + 1
+                owners.setdefault(id(p), []).append(id(module))
+        rules = {id(m): rule_for(m) for m in self.model.modules()}
+        bypassed = {id(sub) for m in self.model.modules() for sub in bypassed_submodules(m, rules[id(m)])}
         taps = []
         for module_name, module in self.model.named_modules():
-            rule = rule_for(module)
-            if rule is None:
+            rule = rules[id(module)]
+            if rule is None or id(module) in bypassed:
                 continue
-            names = {
-                local: by_id[id(p)]
-                for local, p in module.named_parameters(recurse=False)
-                if id(p) in by_id and owners[id(p)] == 1  # a parameter shared by two modules goes to the fallback
-            }
-            if names:
-                taps.append(Tap(module_name, module, rule, names))
-        return taps
+            own = dict(module.named_parameters(recurse=False))
+            for part in rule.parts(module):
+                names, rows = {}, {}
+                for local, (param, block) in part.params.items():
+                    p = own.get(param)
+                    if p is not None and id(p) in by_id:
+                        names[local] = by_id[id(p)]
+                        if block is not None:
+                            rows[local] = block
+                if names:
+                    label = f"{module_name}[{part.label}]" if part.label else module_name
+                    taps.append(Tap(label, module, part.rule, names, rows, part.label))
+        return self._drop_unshareable(taps, owners)
 
-    def _tapped_names(self) -> set[str]:
-        return {full for tap in self._taps for full in tap.names.values()}
+    def _drop_unshareable(self, taps: list[Tap], owners: dict[int, list[int]]) -> list[Tap]:
+        """A parameter owned by several modules stays on the taps only if each owner's rule computes it whole (then
+        the contributions are added per sample, ``rules/tied.py``); one also owned by a module no rule covers goes to
+        the fallback. Blocks of rows (attention's q, k, v) are disjoint, so they add up without that."""
+        claims: dict[str, list[Tap]] = {}
+        for tap in taps:
+            for full in tap.names.values():
+                claims.setdefault(full, []).append(tap)
+        drop = set()
+        for full, claiming in claims.items():
+            owner_ids = owners[id(self.params[full])]
+            if len(owner_ids) == 1:
+                continue
+            whole = all(local not in tap.rows for tap in claiming for local, f in tap.names.items() if f == full)
+            if not whole or sorted(owner_ids) != sorted(id(tap.module) for tap in claiming):
+                drop.add(full)
+        for tap in taps:
+            tap.names = {k: v for k, v in tap.names.items() if v not in drop}
+        return [tap for tap in taps if tap.names]
+
+    def _tied(self) -> dict[str, list[Tap]]:
+        """Full names computed by more than one tap as whole parameters (a weight several modules own)."""
+        claims: dict[str, list[Tap]] = {}
+        for tap in self._taps:
+            for local, full in tap.names.items():
+                if local not in tap.rows:
+                    claims.setdefault(full, []).append(tap)
+        return {full: claiming for full, claiming in claims.items() if len(claiming) > 1}
 
     def _untap(self, names: Iterable[str]) -> None:
         names = set(names)
@@ -107,22 +162,81 @@ class PerSampleAccumulator:
         for name in names:
             self._fallback.add_param(name, self.params[name])
 
+    def _untap_taps(self, taps: list[Tap], why: str) -> None:
+        names = sorted({full for tap in taps for full in tap.names.values()})
+        if names:
+            log.warning("per-sample gradients: %s %s; using the exact fallback for them", ", ".join(names), why)
+            self._untap(names)
+
     def _self_check(self, batch: Batch) -> None:
-        """Runs the first-batch self-check (``self_check.py``): convs it finds feeding more than their BatchNorm are
-        computed apart from it, and tapped parameters still wrong go to the exact fallback."""
-        logits = self._forward_without_rewrites(first_samples(batch))
+        """Runs the first-batch self-check (``self_check.py``): where the samples lie in each tapped call, that the
+        tapped forward computes the model, that samples stay apart, and that the taps' summed gradients are
+        autograd's. Convs it finds feeding more than their BatchNorm are computed apart from it, and tapped
+        parameters that fail go to the exact fallback."""
+        check = first_samples(batch)
         try:
+            unplaced = place_samples(self._taps, self._call_shapes, check)
+        except Exception as err:  # only when the attention forward is what failed: retried without it
+            if not self._overrides:
+                raise
+            self._drop_forward_changes(f"fails ({err})")
+            unplaced = place_samples(self._taps, self._call_shapes, check)
+        self._untap_taps(unplaced, "are used where their module's input has no dimension of samples")
+        logits = self._forward_like_the_model(check)
+        try:
+            self._untap_taps(isolation(self._taps, logits), "have outputs whose samples do not stay apart")
             wrong = check_taps(self._taps, self.params, logits, self._unfused)
             if wrong:
                 log.warning(
-                    "per-sample gradients: %s used outside their own module call (tied weights?); "
-                    "using the exact fallback for them",
+                    "per-sample gradients: %s used outside their own module call (tied weights through a "
+                    "functional call?); using the exact fallback for them",
                     ", ".join(wrong),
                 )
                 self._untap(wrong)
         finally:
-            for tap in self._taps:
-                tap.calls.clear()
+            self._clear_calls()
+
+    def _forward_like_the_model(self, check: Batch) -> Tensor:
+        """The tapped forward of the check samples. Where the pass changes the forward (attention's own forward,
+        per-sample copies of shared outputs) it must give the model's logits; if it does not, or fails, the changes
+        are dropped and their parameters go to the exact fallback."""
+        if not self._overrides and not any(tap.shared for tap in self._taps):
+            return self._forward_without_rewrites(check)
+        # With grad, as the pass differentiates it: torch's fast paths without grad can differ (a TransformerEncoder's
+        # nested tensors zero the padded positions).
+        with torch.enable_grad():
+            plain = self.logits_fn(check).detach()
+        try:
+            logits = self._forward_without_rewrites(check)
+            if same_logits(logits, plain):
+                return logits
+            problem = "does not reproduce the model's logits"
+        except Exception as err:  # the model's own forward just ran: the changes are what failed
+            problem = f"fails ({err})"
+        self._drop_forward_changes(problem)
+        return self._forward_without_rewrites(check)
+
+    def _drop_forward_changes(self, problem: str) -> None:
+        changed = [f"{type(m).__name__} forward" for m in self._overrides]
+        changed += [f"per-sample copies of {tap.name}" for tap in self._taps if tap.shared]
+        log.warning("per-sample gradients: the pass's forward (%s) %s", ", ".join(changed), problem)
+        covered = {id(m) for m in self._overrides} | {id(m.out_proj) for m in self._overrides}
+        self._overrides = []
+        self._clear_calls()
+        self._untap_taps(
+            [tap for tap in self._taps if tap.shared or id(tap.module) in covered], "depend on those changes"
+        )
+
+    def _call_shapes(self, batch: Batch) -> dict[int, list[tuple[torch.Size, torch.Size]]]:
+        try:
+            self._forward_without_rewrites(batch)
+            return {id(tap): [(c.input.shape, c.output.shape) for c in tap.calls] for tap in self._taps}
+        finally:
+            self._clear_calls()
+
+    def _clear_calls(self) -> None:
+        for tap in self._taps:
+            tap.calls.clear()
 
     # -- one batch --------------------------------------------------------------------------------------------------
     def add_batch(self, batch: Batch, output_grads: OutputGrads) -> int:
@@ -133,13 +247,16 @@ class PerSampleAccumulator:
         logits = self._forward_without_rewrites(batch)
         try:
             n = logits.shape[0]
+            self._untap_taps(
+                [tap for tap in self._taps if tap.calls and not tap.fits(n)],
+                f"are used where the first batch had no dimension of samples, or that dimension is not {n} here",
+            )
             vectors = [v.detach() for v in output_grads(logits, batch)]
             self._add_tapped(logits, vectors)
             if self._fallback.params:
                 self._fallback.add_batch(batch, vectors, n, self.sums)
         finally:
-            for tap in self._taps:
-                tap.calls.clear()
+            self._clear_calls()
             self._conv_chunks.clear()
         self.count += n
         return n
@@ -148,31 +265,58 @@ class PerSampleAccumulator:
         logits = self._tapped_forward(batch)
         rewritten = [tap for tap in self._taps if not tap.clone_output and tap.rewritten_in_place()]
         if rewritten:  # an output was changed in place after its tap saw it: redo this forward with copies
-            for tap in self._taps:
-                tap.calls.clear()
+            self._clear_calls()
             for tap in rewritten:
                 tap.clone_output = True
             logits = self._tapped_forward(batch)
         return logits
 
     def _tapped_forward(self, batch: Batch) -> Tensor:
-        handles = [tap.module.register_forward_hook(tap.hook) for tap in self._taps]
+        n = batch_size_of(batch) or 0
+        handles = []
         try:
-            with torch.enable_grad():
+            for tap in self._taps:
+                tap.samples = n
+                if not tap.part:
+                    handles.append(tap.module.register_forward_hook(tap.hook))
+            with self._attention_forwards(), torch.enable_grad():
                 return self.logits_fn(batch)
         finally:
             for h in handles:
                 h.remove()
 
+    @contextmanager
+    def _attention_forwards(self) -> Iterator[None]:
+        """Attention modules run ``rules/attention.py``'s forward (an instance attribute shadowing the class's),
+        recording their q, k and v projections into their parts' taps."""
+        patched = []
+        try:
+            for module in self._overrides:
+                if "forward" in vars(module):  # someone else's per-instance forward: leave it (and its taps fail)
+                    continue
+                records = {tap.part: tap.record for tap in self._taps if tap.module is module and tap.part}
+                module.forward = AttentionRule().forward_override(module, records)
+                patched.append(module)
+            yield
+        finally:
+            for module in patched:
+                del module.forward
+
     def _add_tapped(self, logits: Tensor, vectors: list[Tensor]) -> None:
         taps = [tap for tap in self._taps if tap.calls]
         if not taps:
             return
-        pairs = fused_pairs(taps, self._unfused)
+        tied = self._tied()
+        self._tied_names = set(tied)
+        tied_taps = {id(tap) for claiming in tied.values() for tap in claiming}
+        pairs = [(conv, bn) for conv, bn in fused_pairs(taps, self._unfused) if id(conv) not in tied_taps]
         conv_of = {id(bn): conv for conv, bn in pairs}
         fused_convs = {id(conv) for conv, _ in pairs}
         taps = [tap for tap in taps if id(tap) not in fused_convs]  # their gradients come through the BatchNorm's
         self.report.fused.update((conv.name, bn.name) for conv, bn in pairs)
+        for conv, bn in pairs:
+            for full in (*conv.names.values(), *bn.names.values()):
+                self.report.routes[full] = FUSED_ROUTE
         outputs = [call.output for tap in taps for call in tap.calls]
         # Linear layers called once on 2-D input: accumulate Σ_k g_k² (or |g_k|) over passes, one matmul at the end.
         rank_one: dict[int, Tensor] = {}
@@ -181,29 +325,44 @@ class PerSampleAccumulator:
                 logits, outputs, grad_outputs=v, retain_graph=k + 1 < len(vectors), allow_unused=True
             )
             it = iter(grads)
+            calls_of: dict[int, list[tuple[Tensor, Tensor]]] = {}
             for tap in taps:
                 gs = [next(it) for _ in tap.calls]
                 if id(tap) in conv_of:
                     self._add_fused(conv_of[id(tap)], tap, gs[0], len(vectors))
-                elif isinstance(tap.rule, ConvRule) and len(tap.calls) == 1:
-                    self._add_conv(tap, gs[0], len(vectors))
-                elif isinstance(tap.rule, LinearRule) and len(tap.calls) == 1 and tap.calls[0].input.dim() == 2:
-                    g = gs[0] if gs[0] is not None else torch.zeros_like(tap.calls[0].output)
-                    r = reduce_per_sample(g, self.reduction)
+                    continue
+                calls = calls_of[id(tap)] = tap.inputs_and_grads(gs)
+                if isinstance(tap.rule, ConvRule) and len(calls) == 1:
+                    self._add_conv(tap, calls[0], len(vectors))
+                elif isinstance(tap.rule, LinearRule) and len(calls) == 1 and calls[0][0].dim() == 2:
+                    r = reduce_per_sample(calls[0][1], self.reduction)
                     rank_one[id(tap)] = r if id(tap) not in rank_one else rank_one[id(tap)] + r
                 else:
-                    self._add_materialised(tap, gs)
+                    self._add_materialised(tap, calls)
+            for full, claiming in tied.items():
+                uses = [
+                    Use(tap.rule, tap.module, local, calls_of[id(tap)])
+                    for tap in claiming
+                    if id(tap) in calls_of
+                    for local, f in tap.names.items()
+                    if f == full
+                ]
+                if uses:
+                    self.sums[full] += tied_sums(uses, self.params[full].shape, self.reduction).float()
         for tap in taps:
             if id(tap) in rank_one:
                 g_r, a_r = rank_one[id(tap)], reduce_per_sample(tap.calls[0].input, self.reduction)
-                if "weight" in tap.names:  # Σ_n r(g_n)ᵀ r(a_n), added in place into the running sum
-                    self.sums[tap.names["weight"]].addmm_(g_r.t().float(), a_r.float())
-                if "bias" in tap.names:
-                    self.sums[tap.names["bias"]] += g_r.sum(0).float()
+                if "weight" in tap.names and tap.names["weight"] not in tied:  # Σ_n r(g_n)ᵀ r(a_n), in place
+                    weight = self._target(tap, "weight")
+                    if tap.rule.transposed:
+                        weight.addmm_(a_r.t().float(), g_r.float())
+                    else:
+                        weight.addmm_(g_r.t().float(), a_r.float())
+                if "bias" in tap.names and tap.names["bias"] not in tied:
+                    self._target(tap, "bias").add_(g_r.sum(0).float())
 
-    def _add_conv(self, conv: Tap, g: Tensor | None, passes: int) -> None:
-        module, a = conv.module, conv.calls[0].input
-        g = g if g is not None else torch.zeros_like(conv.calls[0].output)
+    def _add_conv(self, conv: Tap, call: tuple[Tensor, Tensor], passes: int) -> None:
+        module, (a, g) = conv.module, call
         for rows, cols in self._conv_chunks.split(id(conv), module, a, g, passes):
             self._accumulate(conv, reduced_conv_sums(module, a[rows], g[rows], cols, self._reduce))
 
@@ -217,15 +376,19 @@ class PerSampleAccumulator:
             self._accumulate(conv, conv_sums)
             self._accumulate(bn, bn_sums)
 
-    def _add_materialised(self, tap: Tap, gs: list[Tensor | None]) -> None:
-        calls = [(c.input, g if g is not None else torch.zeros_like(c.output)) for c, g in zip(tap.calls, gs)]
+    def _add_materialised(self, tap: Tap, calls: list[tuple[Tensor, Tensor]]) -> None:
         for sums in tap.rule.reduced_sums(tap.module, calls, self.reduction):
             self._accumulate(tap, sums)
 
     def _reduce(self, x: Tensor) -> Tensor:
         return reduce_per_sample(x, self.reduction)
 
+    def _target(self, tap: Tap, local: str) -> Tensor:
+        """Where ``tap``'s sums for ``local`` go: the parameter's running sum, or its rows for a part."""
+        total = self.sums[tap.names[local]]
+        return total[tap.rows[local]] if local in tap.rows else total
+
     def _accumulate(self, tap: Tap, local_sums: dict[str, Tensor]) -> None:
         for local, full in tap.names.items():
-            if local in local_sums:
-                self.sums[full] += local_sums[local].to(torch.float32)
+            if local in local_sums and full not in self._tied_names:  # those are added up across modules
+                self._target(tap, local).add_(local_sums[local].to(torch.float32))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -23,3 +24,10 @@ def batch_size_of(batch: Batch) -> int | None:
         if isinstance(x, Tensor) and x.dim() > 0:
             return int(x.shape[0])
     return None
+
+
+def with_first_repeated(batch: Batch, n: int) -> Batch:
+    """``batch`` (of ``n`` samples) with its first sample appended again: ``n + 1`` samples, whatever ``n`` is."""
+    leaves, spec = tree_flatten(batch)
+    grown = [torch.cat([x, x[:1]]) if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == n else x for x in leaves]
+    return tree_unflatten(grown, spec)

@@ -8,19 +8,24 @@ from __future__ import annotations
 
 from torch import nn
 
-from lightning_ewc.per_sample.rules.base import InputAndGrad, LayerRule
+from lightning_ewc.per_sample.rules.attention import AttentionRule, ProjectionRule, bypassed_submodules
+from lightning_ewc.per_sample.rules.base import InputAndGrad, LayerRule, Part
 from lightning_ewc.per_sample.rules.conv import ConvRule
+from lightning_ewc.per_sample.rules.conv1d import Conv1DRule
 from lightning_ewc.per_sample.rules.embedding import EmbeddingRule
 from lightning_ewc.per_sample.rules.linear import LinearRule
-from lightning_ewc.per_sample.rules.norms import BatchNormRule, GroupNormRule, LayerNormRule
+from lightning_ewc.per_sample.rules.norms import BatchNormRule, GroupNormRule, LayerNormRule, RMSNormRule
 
 RULES: tuple[LayerRule, ...] = (
     LinearRule(),
     ConvRule(),
     BatchNormRule(),
     LayerNormRule(),
+    RMSNormRule(),
     GroupNormRule(),
     EmbeddingRule(),
+    AttentionRule(),
+    Conv1DRule(),
 )
 
 
@@ -30,7 +35,9 @@ def rule_for(module: nn.Module) -> LayerRule | None:
 
 __all__ = [
     "RULES",
+    "AttentionRule",
     "BatchNormRule",
+    "Conv1DRule",
     "ConvRule",
     "EmbeddingRule",
     "GroupNormRule",
@@ -38,5 +45,9 @@ __all__ = [
     "LayerNormRule",
     "LayerRule",
     "LinearRule",
+    "Part",
+    "ProjectionRule",
+    "RMSNormRule",
+    "bypassed_submodules",
     "rule_for",
 ]

@@ -1,13 +1,15 @@
 """The interface every layer rule implements, and what rules share: how many samples one materialised block holds.
 
 A rule turns one layer's input ``a`` and the gradient ``g`` at its output, both with the samples along dim 0, into
-that layer's per-sample parameter gradients. A new layer type is a new module in this package with a ``LayerRule``
-subclass, listed in ``RULES`` (``rules/__init__.py``).
+that layer's per-sample parameter gradients. (The engine moves the samples to dim 0 first: inside a sequence-first
+model a Linear sees ``[T, N, D]``.) A new layer type is a new module in this package with a ``LayerRule`` subclass,
+listed in ``RULES`` (``rules/__init__.py``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -36,11 +38,39 @@ def concatenated(calls: list[InputAndGrad], positions: Callable[[Tensor, int], T
     return [(a, g)]
 
 
+def sum_over(t: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """``t.sum(dims)``, or ``t`` itself when there is nothing to sum over."""
+    return t.sum(dims) if dims else t
+
+
+@dataclass(frozen=True)
+class Part:
+    """What one tap of a module computes: ``rule``'s local names, each the rows ``rows`` (None: all) of the module's
+    parameter ``param``. Most modules are one part; MultiheadAttention is three (q, k, v: blocks of in_proj_weight)."""
+
+    label: str
+    rule: LayerRule
+    params: dict[str, tuple[str, slice | None]]  # local name -> (the module's parameter name, rows of it)
+
+
 class LayerRule:
     """How one layer type turns its inputs and output-gradients into per-sample parameter gradients."""
 
+    route = "tap"  # the name ``PerSampleReport.routes`` gives the parameters on this rule
+    local_names: tuple[str, ...] = ("weight", "bias")  # the module's own parameters this rule computes
+
     def applies(self, module: nn.Module) -> bool:
         raise NotImplementedError
+
+    def parts(self, module: nn.Module) -> list[Part]:
+        """The taps the module needs; by default one, computing the rule's local names on the whole parameters."""
+        return [Part("", self, {name: (name, None) for name in self.local_names})]
+
+    def accepts_samples_dim(self, module: nn.Module, dim: int, input_dim: int) -> bool:
+        """Whether the samples may lie along ``dim`` of the module's ``input_dim``-dimensional input (and the same
+        dim of its output). Layers that act on every position alike accept any dim before their feature dims;
+        layers with a channel dim (convs, BatchNorm, GroupNorm) want the samples first."""
+        return dim == 0
 
     def per_sample(self, module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
         """Per-sample gradients ``{param_name: Tensor[N, *param.shape]}`` for one call of the module."""
@@ -59,17 +89,23 @@ class LayerRule:
                 total[name] = t.sum(0) if name not in total else total[name] + t.sum(0)
         return total
 
+    def summed_per_sample(self, module: nn.Module, merged: list[InputAndGrad], rows: slice) -> dict[str, Tensor]:
+        """The per-sample gradients of samples ``rows``, summed over the module's calls (as ``merge_calls`` gave
+        them)."""
+        total: dict[str, Tensor] = {}
+        for a, g in merged:
+            for name, t in self.per_sample(module, a[rows], g[rows]).items():
+                total[name] = t if name not in total else total[name] + t
+        return total
+
     def reduced_sums(
         self, module: nn.Module, calls: list[InputAndGrad], reduction: Reduction
     ) -> Iterator[dict[str, Tensor]]:
         """Σ_n r(per-sample gradient) over all the module's calls in one forward, one partial sum per chunk of
         samples: each chunk's per-sample gradients are materialised, summed over the calls, then reduced."""
-        calls = self.merge_calls(calls)
-        n = calls[0][0].shape[0]
+        merged = self.merge_calls(calls)
+        n = merged[0][0].shape[0]
         chunk = samples_per_block(module)
         for start in range(0, n, chunk):
-            total: dict[str, Tensor] = {}
-            for a, g in calls:
-                for name, t in self.per_sample(module, a[start : start + chunk], g[start : start + chunk]).items():
-                    total[name] = t if name not in total else total[name] + t
+            total = self.summed_per_sample(module, merged, slice(start, start + chunk))
             yield {name: reduce_per_sample(t, reduction).sum(0) for name, t in total.items()}

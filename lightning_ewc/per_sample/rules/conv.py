@@ -16,6 +16,8 @@ from lightning_ewc.per_sample.rules.base import LayerRule
 
 
 class ConvRule(LayerRule):
+    route = "conv"
+
     def applies(self, module: nn.Module) -> bool:
         return (
             type(module) in (nn.Conv1d, nn.Conv2d)
