@@ -42,6 +42,7 @@ def run(model, batches, estimator):
     rng = torch.get_rng_state()
     result = accumulate_importance(model, batches, estimator, generator=torch.Generator().manual_seed(0))
     assert torch.equal(torch.get_rng_state(), rng)
+    assert not any(s.requires_grad for s in result.sums.values())  # no graph kept alive by the sums (vmap's too)
     assert {name: m.training for name, m in model.named_modules()} == modes
     assert torch.equal(first.grad, torch.full_like(first, 0.25))
     assert all(p.grad is None for p in model.parameters() if p is not first)

@@ -65,7 +65,11 @@ class ExactFallback:
         per_sample_grad = vmap(grad(phi), in_dims=in_dims)
         results = []
         for v in vectors:
-            g = per_sample_grad(detached, leaves, v)
+            # torch.func.grad differentiates inside whatever the outer mode is; without no_grad outside, its result
+            # would also carry a graph back to the model's other parameters (which still require grad), built for
+            # nothing and kept alive by the sums.
+            with torch.no_grad():
+                g = per_sample_grad(detached, leaves, v)
             results.append({name: reduce_per_sample(g[f"model.{name}"], self.reduction).sum(0) for name in names})
         for result in results:  # only accumulate once every pass succeeded
             for name, t in result.items():
