@@ -33,6 +33,11 @@ def tokens_and_labels(n: int = 7, length: int = 5, seed: int = 0, padded: bool =
     return tokens, torch.randint(0, CLASSES, (n,), generator=gen)
 
 
+def token_batches(seed: int, padded: bool = True):
+    """Seven samples in batches of 4 and 3."""
+    return split(*tokens_and_labels(seed=seed, padded=padded), sizes=[4, 3])
+
+
 def run(model, batches, estimator):
     """The library's mean and routes, with the model's modes, .grad and the global RNG checked to be untouched."""
     model.train()
@@ -143,8 +148,7 @@ MHA_CASES = {
 @pytest.mark.parametrize("case", list(MHA_CASES))
 def test_multihead_attention_matches_brute_force_on_the_attention_route(case, estimator):
     model = randomize(AttentionNet(**MHA_CASES[case]), seed=1, std=0.4)
-    tokens, labels = tokens_and_labels(seed=2)
-    routes = check(model, split(tokens, labels, sizes=[4, 3]), estimator)
+    routes = check(model, token_batches(2), estimator)
     attn = {name: route for name, route in routes.items() if name.startswith("attn.")}
     own = {"attn.out_proj.weight": "linear"} | (
         {"attn.out_proj.bias": "linear"} if model.attn.out_proj.bias is not None else {}
@@ -204,10 +208,9 @@ def test_attention_with_bias_kv_keeps_the_exact_fallback_for_its_weights(estimat
     # add_bias_kv is not covered: all of the module's weights (out_proj too, which torch uses through F.linear) go to
     # vmap, the rest of the model stays on its closed forms.
     model = randomize(BiasKVNet(), seed=5, std=0.4)
-    tokens, labels = tokens_and_labels(seed=6)
     routes = check(
         model,
-        split(tokens, labels, sizes=[4, 3]),
+        token_batches(6),
         estimator,
         routes=lambda m: {
             name: "vmap" if name.startswith("attn.") else ("embedding" if "emb" in name else "linear")
@@ -263,8 +266,7 @@ LAYER_CASES = {
 @pytest.mark.parametrize("case", list(LAYER_CASES))
 def test_transformer_encoder_and_decoder_layers_match_brute_force(case, estimator):
     model = randomize(EncoderDecoderNet(**LAYER_CASES[case]), seed=7, std=0.3)
-    tokens, labels = tokens_and_labels(seed=8)
-    routes = check(model, split(tokens, labels, sizes=[4, 3]), estimator)
+    routes = check(model, token_batches(8), estimator)
     assert routes["pos.weight"] == "embedding"  # looked up once for the batch: per-sample copies of its output
     assert {routes[f"{block}.{attn}.in_proj_weight"] for block, attn in
             [("encoder", "self_attn"), ("dec", "self_attn"), ("dec", "multihead_attn")]} == {"attention"}  # fmt: skip
@@ -293,8 +295,7 @@ def test_transformer_encoder_fast_path_with_nested_tensors(frozen):
     if frozen:
         model.emb.requires_grad_(False)
         model.encoder.requires_grad_(False)
-    tokens, labels = tokens_and_labels(seed=10)
-    routes = check(model, split(tokens, labels, sizes=[4, 3]), "exact")
+    routes = check(model, token_batches(10), "exact")
     assert len(routes) == (2 if frozen else 2 + 1 + 2 * 12)
 
 
@@ -347,8 +348,7 @@ class LlamaNet(nn.Module):
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_llama_style_blocks_match_brute_force(estimator):
     model = randomize(LlamaNet(), seed=11, std=0.4)
-    tokens, labels = tokens_and_labels(seed=12, padded=False)
-    routes = check(model, split(tokens, labels, sizes=[4, 3]), estimator)
+    routes = check(model, token_batches(12, padded=False), estimator)
     assert routes["blocks.0.attn_norm.weight"] == routes["norm.weight"] == "rmsnorm"
     assert routes["blocks.1.q.weight"] == routes["blocks.1.down.weight"] == "linear"
 
@@ -361,8 +361,7 @@ def test_linear_on_sequences_materialises_bounded_blocks(monkeypatch, estimator)
     from lightning_ewc.per_sample.rules.linear import LinearRule
 
     model = randomize(LlamaNet(layers=1), seed=13, std=0.4)
-    tokens, labels = tokens_and_labels(seed=14, padded=False)
-    batches = split(tokens, labels, sizes=[4, 3])
+    batches = token_batches(14, padded=False)
     want = reference(model, batches, estimator)
     blocks = []
     per_sample = LinearRule.per_sample
@@ -432,8 +431,7 @@ class GPT2NextToken(nn.Module):
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_gpt2_conv1d_layers_match_brute_force(estimator):
     model = randomize(GPT2Classifier(), seed=17, std=0.3)
-    tokens, labels = tokens_and_labels(seed=18, padded=False)
-    routes = check(model, split(tokens, labels, sizes=[4, 3]), estimator)
+    routes = check(model, token_batches(18, padded=False), estimator)
     assert routes["gpt2.h.0.attn.c_attn.weight"] == routes["gpt2.h.1.mlp.c_proj.bias"] == "conv1d"
     assert routes["gpt2.wpe.weight"] == "embedding"  # position ids [1, T]: per-sample copies of the lookup
     assert routes["gpt2.ln_f.weight"] == "layernorm"
