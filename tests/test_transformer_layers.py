@@ -499,6 +499,32 @@ def test_tied_weights_through_the_materialised_route_match_brute_force():
         assert check(model, batches, estimator)["a.weight"] == "linear"
 
 
+class TiedConvs(nn.Module):
+    """Two convs sharing a weight, each straight into an eval-mode BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(2, 3, 3), nn.Conv2d(2, 3, 3)
+        self.b.weight = self.a.weight
+        self.bn_a, self.bn_b = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+        self.head = nn.Linear(2 * 3 * 16, CLASSES)
+
+    def forward(self, x):  # [N, 2, 6, 6]
+        a, b = torch.relu(self.bn_a(self.a(x))), torch.tanh(self.bn_b(self.b(x.flip(-1))))
+        return self.head(torch.cat([a, b], 1).flatten(1))
+
+
+@pytest.mark.parametrize("estimator", ["exact", "mas"])
+def test_tied_conv_weight_is_not_fused_with_its_batchnorms(estimator):
+    # A shared weight adds its modules' per-sample gradients, which needs each conv's own output gradient: the
+    # conv -> BatchNorm pairs are computed apart.
+    model = randomize(TiedConvs(), seed=3)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 2, 6, 6, generator=gen, dtype=torch.float64)
+    routes = check(model, split(x, torch.randint(0, CLASSES, (7,), generator=gen), sizes=[4, 3]), estimator)
+    assert routes["a.weight"] == "conv" and routes["bn_b.weight"] == "batchnorm"
+
+
 @pytest.mark.parametrize("estimator", ["exact", "mas"])
 def test_embedding_padding_row_gets_nothing(estimator):
     model = randomize(TiedHeadLM(), seed=26, std=0.4)

@@ -309,7 +309,8 @@ class PerSampleAccumulator:
         tied = self._tied()
         self._tied_names = set(tied)
         tied_taps = {id(tap) for claiming in tied.values() for tap in claiming}
-        pairs = [(conv, bn) for conv, bn in fused_pairs(taps, self._unfused) if id(conv) not in tied_taps]
+        # A shared weight needs its module's own output gradient: such a conv or BatchNorm is not fused.
+        pairs = [pair for pair in fused_pairs(taps, self._unfused) if not {id(pair[0]), id(pair[1])} & tied_taps]
         conv_of = {id(bn): conv for conv, bn in pairs}
         fused_convs = {id(conv) for conv, _ in pairs}
         taps = [tap for tap in taps if id(tap) not in fused_convs]  # their gradients come through the BatchNorm's
