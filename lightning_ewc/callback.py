@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
@@ -23,6 +24,7 @@ from lightning_ewc.consolidation import (
     require_keys,
 )
 from lightning_ewc.distributed import (
+    agreeing,
     check_strategy,
     gather_full,
     local,
@@ -271,6 +273,9 @@ class EWCCallback(Callback):
         overrides where the importance is estimated (default: ``fisher_dataloader``, else the fit's training data).
         """
         self._check_patterns(pl_module)
+        for module in pl_module.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()  # the sharded parameters registered, not the gathered ones a forward left behind
         params = self.selected_parameters(pl_module)
         if not params:
             raise ValueError(
@@ -288,8 +293,15 @@ class EWCCallback(Callback):
         what = f"the {self.importance_name!r} importance" if self.importance_name != "fisher" else (
             f"the {self.fisher!r} Fisher"
         )
-        self.state.consolidate(importance, {name: local(p.detach()) for name, p in params.items()}, what=what)
-        self._sharded.update({name: p for name, p in params.items() if isinstance(p, DTensor)})
+        added = self.state.consolidate(importance, {name: local(p.detach()) for name, p in params.items()}, what=what)
+        sharded = {name: p for name, p in params.items() if isinstance(p, DTensor)}
+        self._sharded.update(sharded)
+        if sharded and trainer is not None and trainer.world_size > 1:
+            # Each rank added the springs' tension of its own shards: the constant is their sum over ranks.
+            mine = sum(added.get(name, 0.0) for name in sharded)
+            mine_t = torch.tensor(mine, dtype=torch.float32, device=trainer.strategy.root_device)
+            total = trainer.strategy.reduce(mine_t, reduce_op="sum")
+            self.state.constant += float(total) - mine
         if self.path_integral is not None:
             self.path_integral.end_task()
         self._version += 1
@@ -313,6 +325,7 @@ class EWCCallback(Callback):
         source = self._estimation_source(dataloader, trainer)
         task = self.state.num_tasks
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + task * 7919 + rank_of(trainer))
+        sharded = any(isinstance(p, DTensor) for p in params.values())
 
         def this_rank() -> ImportanceSums:
             batches = rank_batches(
@@ -322,6 +335,7 @@ class EWCCallback(Callback):
                 num_samples=self.num_samples,
                 batch_size=self.fisher_batch_size,
                 subset_seed=self.seed + 1 + task,
+                same_batch_count=sharded,
             )
             return accumulate_importance(
                 pl_module,
@@ -331,6 +345,7 @@ class EWCCallback(Callback):
                 logits_fn=pl_module.ewc_logits,
                 targets_fn=pl_module.ewc_targets,
                 generator=generator,
+                agree=agreeing(trainer) if sharded else None,
             )
 
         sums = on_every_rank(
@@ -460,6 +475,11 @@ class EWCCallback(Callback):
                     f"keep the module's structure across tasks, or drop it from the penalty with exclude=[{name!r}]"
                 )
             p = named[name]
+            sharded = self._sharded.get(name)
+            if sharded is not None and not isinstance(p, DTensor) and p.shape == sharded.shape:
+                # FSDP2 registers a module's gathered parameters while it computes (the root one after its forward
+                # too); the penalty and the optimizer act on the sharded one
+                p = sharded
             if local(p).shape != root.shape:
                 raise ValueError(
                     f"parameter {name!r} has shape {tuple(local(p).shape)} but was consolidated with shape "

@@ -108,8 +108,11 @@ class ConsolidatedState:
             target[name] = value.square() if squared else value.sqrt()
         self.squared = squared
 
-    def consolidate(self, importance: dict[str, Tensor], anchor: dict[str, Tensor], what: str = "the importance") -> None:
-        """Adds one task: its importance and its weights at the end of the task (same keys).
+    def consolidate(
+        self, importance: dict[str, Tensor], anchor: dict[str, Tensor], what: str = "the importance"
+    ) -> dict[str, float]:
+        """Adds one task: its importance and its weights at the end of the task (same keys). Returns what each
+        parameter added to the constant (``separate`` mode), so that a caller holding shards can sum them over ranks.
 
         Non-finite values in either are refused before anything changes (``what`` names the importance in the
         message), so a failed task leaves the state as it was."""
@@ -121,11 +124,12 @@ class ConsolidatedState:
         squared = self.squared
         self.hold_squared(False)  # the merges below read √F; the switch costs once per task
         try:
-            self._consolidate(importance, anchor)
+            return self._consolidate(importance, anchor)
         finally:
             self.hold_squared(squared)
 
-    def _consolidate(self, importance: dict[str, Tensor], anchor: dict[str, Tensor]) -> None:
+    def _consolidate(self, importance: dict[str, Tensor], anchor: dict[str, Tensor]) -> dict[str, float]:
+        added_by_name = {}
         for name, f_new in importance.items():
             theta = anchor[name].detach().float()
             f_new = f_new.detach().to(device=theta.device, dtype=torch.float32)
@@ -143,10 +147,12 @@ class ConsolidatedState:
             if self.mode == "separate":
                 total, self.centre[name], added = merge_separate(f_old, c_old, f_new, theta)
                 self.constant += added
+                added_by_name[name] = added
             else:
                 total, self.centre[name] = merge_online(f_old, f_new, theta, self.gamma)
             self.root_importance[name] = total.sqrt()
         self.num_tasks += 1
+        return added_by_name
 
     def num_bytes(self) -> int:
         held = (self.root_importance, self.fisher, self.centre)

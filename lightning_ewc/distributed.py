@@ -44,15 +44,22 @@ def rank_batches(
     num_samples: int | None,
     batch_size: int | None,
     subset_seed: int,
+    same_batch_count: bool = False,
 ) -> Iterator:
     """This rank's batches of ``source``, on its device.
 
     A map-style dataset is cut into contiguous shares of its (seeded, ``num_samples``-sized) subset: no
     DistributedSampler padding, so no sample counts twice. An iterable one cannot be indexed: each rank reads its own
-    stream, up to its share of ``num_samples``."""
+    stream, up to its share of ``num_samples``. ``same_batch_count``: every rank gets the same number of batches (a
+    sharded model gathers its layers in every forward, in step across ranks), the shares split evenly."""
     world, rank = world_of(trainer), rank_of(trainer)
     if isinstance(source, DataLoader) and is_map_style(source.dataset):
-        loader, limit = shard(source, rank, world, num_samples, batch_size, subset_seed), None
+        loader, limit = shard(source, rank, world, num_samples, batch_size, subset_seed, same_batch_count), None
+    elif same_batch_count and world > 1:
+        raise NotImplementedError(
+            "with sharded parameters every rank must run the same number of batches, which an iterable dataset "
+            "cannot promise: pass a map-style dataset (one with __len__ and __getitem__) as fisher_dataloader"
+        )
     else:
         loader, limit = source, None if num_samples is None else -(-num_samples // world)
     if trainer is not None:
@@ -64,7 +71,13 @@ def rank_batches(
 
 
 def shard(
-    source: DataLoader, rank: int, world: int, num_samples: int | None, batch_size: int | None, subset_seed: int
+    source: DataLoader,
+    rank: int,
+    world: int,
+    num_samples: int | None,
+    batch_size: int | None,
+    subset_seed: int,
+    same_batch_count: bool = False,
 ) -> DataLoader:
     """This rank's contiguous share of the (sub)sampled indices, in index order."""
     n = len(source.dataset)
@@ -74,14 +87,19 @@ def shard(
     else:
         indices = list(range(n))
     per_rank = -(-len(indices) // world)
-    return DataLoader(
-        Subset(source.dataset, indices[rank * per_rank : (rank + 1) * per_rank]),
-        batch_size=batch_size or source.batch_size or 128,
-        shuffle=False,
-        collate_fn=source.collate_fn,
-        num_workers=source.num_workers,
-        pin_memory=source.pin_memory,
-    )
+    mine = indices[rank * per_rank : (rank + 1) * per_rank]
+    batch_size = batch_size or source.batch_size or 128
+    loader_args = dict(collate_fn=source.collate_fn, num_workers=source.num_workers, pin_memory=source.pin_memory)
+    if not same_batch_count:
+        return DataLoader(Subset(source.dataset, mine), batch_size=batch_size, shuffle=False, **loader_args)
+    if len(indices) < world:
+        raise ValueError(
+            f"{len(indices)} samples to estimate the importance on cannot be shared by {world} ranks, each of which "
+            "must run the same passes over its sharded model: give it at least as many samples as ranks"
+        )
+    batches = -(-per_rank // batch_size)  # what the largest share needs; every share splits into as many
+    split = torch.tensor_split(torch.arange(len(mine)), batches)
+    return DataLoader(Subset(source.dataset, mine), batch_sampler=[b.tolist() for b in split], **loader_args)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -143,6 +161,28 @@ def gather_full(shard: Tensor, like: DTensor) -> Tensor:
                               stride=like.stride()).full_tensor()
 
 
+AGREED = "_raised_on_every_rank"  # set on an exception that every rank raises
+
+
+def agreeing(trainer) -> Callable[[BaseException | None], None] | None:
+    """A per-batch agreement for the importance pass of a sharded model (``accumulate_importance(agree=...)``): each
+    rank says whether computing its batch's vectors failed, and if one did every rank raises its error there, before
+    the backward passes whose collectives the failed rank would never join."""
+    if world_of(trainer) == 1:
+        return None
+    strategy, rank, world = trainer.strategy, rank_of(trainer), world_of(trainer)
+
+    def agree(error: BaseException | None) -> None:
+        status = torch.zeros(world, dtype=torch.int64, device=strategy.root_device)
+        if error is not None:
+            status[rank] = 1
+        failed = strategy.reduce(status, reduce_op="sum").nonzero().flatten().tolist()
+        if failed:
+            raise_everywhere(strategy, rank, failed[0], error, "computing the importance pass's vectors")
+
+    return agree
+
+
 def on_every_rank(
     compute: Callable[[], ImportanceSums], trainer, what: str, params: dict[str, Tensor] | None = None
 ) -> ImportanceSums:
@@ -160,6 +200,8 @@ def on_every_rank(
     try:
         sums, error = compute(), None
     except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+        if getattr(err, AGREED, False):  # every rank raised it already (a per-batch agreement)
+            raise
         sums, error = None, err
     strategy, rank = trainer.strategy, rank_of(trainer)
     status = torch.zeros(world + 1, dtype=torch.int64, device=strategy.root_device)
@@ -186,8 +228,10 @@ def raise_everywhere(strategy, rank: int, source: int, error: BaseException | No
             payload = pickle.dumps(RuntimeError(f"{type(error).__name__}: {error}"))
     payload = strategy.broadcast(payload, src=source)
     if rank == source:
+        setattr(error, AGREED, True)
         raise error
     copy = pickle.loads(payload)
+    setattr(copy, AGREED, True)
     note = f"(raised on rank {source} while {what}; this is rank {rank}, which stopped with it)"
     if hasattr(copy, "add_note"):
         copy.add_note(note)

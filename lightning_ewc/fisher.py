@@ -171,8 +171,11 @@ def output_vectors(
     logits: Tensor,
     targets: Callable[[], Tensor],
     generator: torch.Generator | None = None,
+    every_position: bool = False,
 ) -> list[Tensor]:
-    """The vectors v (shaped like the logits) whose per-sample backpropagation gives the estimator's gradients."""
+    """The vectors v (shaped like the logits) whose per-sample backpropagation gives the estimator's gradients.
+    ``every_position``: the exact Fisher makes passes also for positions masked in the whole batch (zero vectors),
+    so that every rank makes the same number of passes (sharded models run collectives in them)."""
     z = logits.detach().float()
     labels, mask = labels_and_mask(estimator, logits, targets)
     if estimator == "mas":
@@ -183,7 +186,7 @@ def output_vectors(
         if p.dim() == 2:
             # One contiguous [N, C] block per pass: strided views as grad_outputs measured slower (bench/README.md).
             return list(exact_vectors(p).transpose(0, 1).contiguous().to(logits.dtype).unbind(0))
-        return per_position_exact_vectors(p, mask, logits.dtype)
+        return per_position_exact_vectors(p, mask, logits.dtype, every_position)
     if estimator == "sampled":
         flat = torch.multinomial(p.reshape(-1, classes).cpu(), 1, generator=generator)
         labels = flat.reshape(p.shape[:-1]).to(p.device)
@@ -199,14 +202,16 @@ def _masked(v: Tensor, mask: Tensor | None) -> Tensor:
     return v if mask is None else v * mask.unsqueeze(-1).to(v.dtype)
 
 
-def per_position_exact_vectors(p: Tensor, mask: Tensor | None, dtype: torch.dtype) -> list[Tensor]:
+def per_position_exact_vectors(
+    p: Tensor, mask: Tensor | None, dtype: torch.dtype, every_position: bool = False
+) -> list[Tensor]:
     """The exact Fisher's vectors for per-position outputs: for each position t and k < C, w_k(p_t) at position t
     and zero elsewhere, since Σ_t J_tᵀ (diag(p_t) − p_t p_tᵀ) J_t needs each position's factors apart (their sum
     would add cross-position terms). Positions masked in every sample of the batch are skipped."""
     n, classes = p.shape[0], p.shape[-1]
     flat = p.reshape(n, -1, classes)  # [N, T, C], T the positions
     keep = torch.ones(flat.shape[:2], dtype=torch.bool, device=p.device) if mask is None else mask.reshape(n, -1)
-    positions = keep.any(0).nonzero().flatten().tolist()
+    positions = list(range(flat.shape[1])) if every_position else keep.any(0).nonzero().flatten().tolist()
     passes = len(positions) * (classes - 1)
     if passes > MAX_EXACT_PASSES:
         raise ValueError(
@@ -318,8 +323,13 @@ def accumulate_importance(
     logits_fn: Callable[[Batch], Tensor] | None = None,
     targets_fn: Callable[[Batch], Tensor] | None = None,
     generator: torch.Generator | None = None,
+    agree: Callable[[BaseException | None], None] | None = None,
 ) -> ImportanceSums:
     """Sums of squared per-sample gradients (``abs`` for MAS) over ``batches`` and the sample count.
+
+    ``agree(error)`` is called once per batch, after its forward and before its backward passes, with what computing
+    the vectors raised (or None): under sharding the ranks' passes run collectives in step, so one rank's error must
+    stop the others there rather than leave them waiting (``distributed.agreeing``).
 
     The model runs in eval mode; its modes, BatchNorm buffers and ``.grad`` are left as they were. Batches must
     already be on the model's device.
@@ -353,10 +363,28 @@ def accumulate_importance(
         else:
             acc = PerSampleAccumulator(model, params, checked_logits, "abs" if estimator == "mas" else "sq")
             for batch in batches:
-                acc.add_batch(batch, lambda z, b: output_vectors(estimator, z, lambda: targets_fn(b), generator))
+                acc.add_batch(batch, _agreed(agree, lambda z, b: output_vectors(
+                    estimator, z, lambda: targets_fn(b), generator, every_position=acc.sharded
+                )))
             result = ImportanceSums(acc.sums, acc.count, dict(acc.report.routes), sorted(acc.report.fused))
     finite_or_raise(result.sums, f"the {estimator!r} importance")
     return result
+
+
+def _agreed(agree, output_grads):
+    if agree is None:
+        return output_grads
+
+    def vectors(logits, batch):
+        try:
+            result = output_grads(logits, batch)
+        except Exception as err:
+            agree(err)
+            raise
+        agree(None)
+        return result
+
+    return vectors
 
 
 def _outside_inference(x: Tensor) -> Tensor:

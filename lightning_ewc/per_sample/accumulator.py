@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from lightning_ewc.per_sample.batches import Batch, batch_size_of
 from lightning_ewc.per_sample.fallback import ExactFallback
@@ -73,7 +74,10 @@ class PerSampleAccumulator:
         if reduction not in ("sq", "abs"):
             raise ValueError(f"reduction must be 'sq' or 'abs', got {reduction!r}")
         self.model, self.params, self.logits_fn, self.reduction = model, params, logits_fn, reduction
-        self.sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+        # Full-size sums, also for a sharded (DTensor) parameter, whose global shape its rules see while FSDP2 has it
+        # gathered; the caller reduces them to shards.
+        self.sums = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in params.items()}
+        self.sharded = any(isinstance(p, DTensor) for p in params.values())
         self.count = 0
         self.report = PerSampleReport()
         self._taps = self._build_taps()
@@ -94,7 +98,9 @@ class PerSampleAccumulator:
             else:
                 self._fallback.add_param(name, p)
         self._checked = False
-        self._unfused: set[int] = set()  # ids of convs whose output also goes elsewhere than their BatchNorm
+        # ids of convs whose output also goes elsewhere than their BatchNorm, and, when sharded, every conv: the fused
+        # route reads parameter values outside the forward, where FSDP2 holds only shards
+        self._unfused: set[int] = {id(m) for m in model.modules()} if self.sharded else set()
         self._conv_chunks = ConvChunks()  # keeps unfolded conv inputs across one batch's backward passes
 
     # -- set-up ---------------------------------------------------------------------------------------------------
@@ -174,6 +180,8 @@ class PerSampleAccumulator:
         autograd's. Convs it finds feeding more than their BatchNorm are computed apart from it, and tapped
         parameters that fail go to the exact fallback."""
         check = first_samples(batch)
+        for tap in self._taps:
+            tap.capture_in_use = self.sharded
         try:
             unplaced = place_samples(self._taps, self._call_shapes, check)
         except Exception as err:  # only when the attention forward is what failed: retried without it
@@ -185,7 +193,8 @@ class PerSampleAccumulator:
         logits = self._forward_like_the_model(check)
         try:
             self._untap_taps(isolation(self._taps, logits), "have outputs whose samples do not stay apart")
-            wrong = check_taps(self._taps, self.params, logits, self._unfused)
+            in_use = {full: t for tap in self._taps for full, t in tap.in_use.items()}
+            wrong = check_taps(self._taps, {**self.params, **in_use}, logits, self._unfused)
             if wrong:
                 log.warning(
                     "per-sample gradients: %s used outside their own module call (tied weights through a "
@@ -195,6 +204,8 @@ class PerSampleAccumulator:
                 self._untap(wrong)
         finally:
             self._clear_calls()
+            for tap in self._taps:
+                tap.capture_in_use, tap.in_use = False, {}
 
     def _forward_like_the_model(self, check: Batch) -> Tensor:
         """The tapped forward of the check samples. Where the pass changes the forward (attention's own forward,
@@ -278,7 +289,8 @@ class PerSampleAccumulator:
             for tap in self._taps:
                 tap.samples = n
                 if not tap.part:
-                    handles.append(tap.module.register_forward_hook(tap.hook))
+                    # first among the module's hooks: FSDP2's own reshards the module once the forward is done
+                    handles.append(tap.module.register_forward_hook(tap.hook, prepend=True))
             with self._attention_forwards(), torch.enable_grad():
                 return self.logits_fn(batch)
         finally:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lightning_ewc.per_sample.batches import Batch, slice_batch
@@ -32,6 +33,14 @@ class ExactFallback:
         self.route = "vmap"
 
     def add_param(self, name: str, param: nn.Parameter) -> None:
+        if isinstance(param, DTensor):
+            # Per-sample forwards and functional_call would see a shard, or run collectives rank by rank unmatched.
+            raise NotImplementedError(
+                f"parameter {name!r} needs the exact fallback (vmap or a per-sample loop: no closed-form rule covers "
+                "its use), which cannot run on sharded (FSDP2) parameters. Its layer must be one with a rule "
+                "(Linear, Conv1d/2d, norms, Embedding, MultiheadAttention, ...: see the README's routes), or leave it "
+                f"out with exclude=[{name!r}]"
+            )
         self.params[name] = param
         self.routes[name] = self.route
 

@@ -173,7 +173,7 @@ def _mismatches(
             if local in tap.names:
                 full = tap.names[local]
                 if full not in tap_sums:
-                    tap_sums[full] = torch.zeros_like(params[full], dtype=t.dtype)
+                    tap_sums[full] = torch.zeros(params[full].shape, dtype=t.dtype, device=t.device)
                 tap_sums[full][tap.rows.get(local, slice(None))] += t
 
     for conv, bn in pairs:  # the same fused computation the pass uses, summed over the samples

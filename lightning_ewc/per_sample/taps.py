@@ -36,6 +36,10 @@ class Tap:
     placed: bool = False
     shared: bool = False
     samples: int = 0
+    # Full name -> the tensor the module computed with in the last forward, when ``capture_in_use`` is set: with
+    # FSDP2 that is the gathered full-size parameter, which autograd can differentiate, not the sharded one.
+    capture_in_use: bool = False
+    in_use: dict[str, Tensor] = field(default_factory=dict)
 
     def hook(self, module, inputs, output):
         if not isinstance(output, Tensor) or not output.requires_grad or not inputs:
@@ -46,6 +50,9 @@ class Tap:
     def record(self, input: Tensor, output: Tensor) -> Tensor:
         """Captures one call; returns the output the network goes on with."""
         graph_input = input
+        if self.capture_in_use:
+            own = dict(self.module.named_parameters(recurse=False))
+            self.in_use.update({full: own[full.rsplit(".", 1)[-1]] for full in self.names.values()})
         if self.shared:
             input, output = expanded(input, output, self.samples)
         self.calls.append(Call(input.detach(), output, output._version, graph_input))
