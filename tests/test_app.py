@@ -39,7 +39,9 @@ def run_app(tmp_path, *overrides: str) -> dict:
 # Configs
 # ----------------------------------------------------------------------------------------------------------------------
 def test_every_group_has_the_options_the_docs_promise():
-    assert options("stream") == ["digits", "permuted_mnist", "rotated_mnist", "split_fashion_mnist", "split_mnist"]
+    assert options("stream") == [
+        "digits", "permuted_digits", "permuted_mnist", "rotated_mnist", "split_fashion_mnist", "split_mnist"
+    ]
     assert options("method") == ["ewc", "finetune", "freeze", "joint", "l2", "mas", "online_ewc", "si"]
     assert options("model") == ["cnn", "mlp"]
     assert options("trainer") == ["cpu", "gpu"]
@@ -170,6 +172,7 @@ def check_results(results: dict, out: Path, num_tasks: int) -> None:
     "stream, extra, num_tasks",
     [
         ("digits", [], 5),
+        ("permuted_digits", [], 5),
         ("split_mnist", ["stream.num_tasks=2"], 2),
         ("split_fashion_mnist", ["stream.num_tasks=2"], 2),
         ("permuted_mnist", ["stream.num_tasks=2"], 2),
@@ -177,7 +180,7 @@ def check_results(results: dict, out: Path, num_tasks: int) -> None:
     ],
 )
 def test_one_run_per_stream(stream, extra, num_tasks, tmp_path, mnist_dir):
-    small = [] if stream == "digits" else ["stream.subsample=300", "stream.test_subsample=300"]
+    small = [] if stream.endswith("digits") else ["stream.subsample=300", "stream.test_subsample=300"]
     results = run_app(tmp_path, f"stream={stream}", *small, *extra)
     check_results(results, tmp_path, num_tasks)
     assert results["stream"] == stream

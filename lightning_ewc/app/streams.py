@@ -1,4 +1,5 @@
-"""Task streams for continual learning: Split / Permuted / Rotated MNIST, Split Fashion-MNIST and 8x8 digits.
+"""Task streams for continual learning: Split / Permuted / Rotated MNIST, Split Fashion-MNIST, split and permuted
+8x8 digits.
 
 A stream is a list of tasks, each with in-memory train and test tensors ``(x, y, t)``. The labels follow the three
 scenarios of van de Ven & Tolias (2019):
@@ -171,16 +172,39 @@ def digits(
 ) -> TaskStream:
     """scikit-learn's bundled 8x8 digits (1797 images, no download) as tasks of two digits, split 75/25 by ``seed``."""
     _check_scenario(scenario)
-    images, labels = _sklearn_digits()
-    from sklearn.model_selection import train_test_split  # scikit-learn is slow to import; only this stream needs it
-
-    train_index, test_index = train_test_split(
-        np.arange(len(labels)), test_size=0.25, stratify=labels.numpy(), random_state=seed
-    )
-    train_index, test_index = torch.from_numpy(np.sort(train_index)), torch.from_numpy(np.sort(test_index))
-    data = {True: (images[train_index], labels[train_index]), False: (images[test_index], labels[test_index])}
-    tasks = _split_tasks(data, scenario, num_tasks, subsample, test_subsample, seed, class_order)
+    tasks = _split_tasks(_digits_split(seed), scenario, num_tasks, subsample, test_subsample, seed, class_order)
     return TaskStream("digits", scenario, tasks, input_shape=(1, 8, 8), classes_per_task=2)
+
+
+def permuted_digits(
+    scenario: str = "domain",
+    num_tasks: int = 5,
+    pad: int = 2,
+    subsample: int | None = None,
+    test_subsample: int | None = None,
+    seed: int = 0,
+) -> TaskStream:
+    """Permuted MNIST in miniature, offline: all ten of scikit-learn's 8x8 digits per task (split 75/25 by ``seed``);
+    task 0 in the original pixel order, task k > 0 under a seeded pixel permutation.
+
+    ``pad`` surrounds each image with that many rows and columns of zeros before permuting, as
+    :func:`permuted_mnist` does (2 gives 12x12 images).
+    """
+    _check_scenario(scenario)
+    _check_positive("num_tasks", num_tasks)
+    if not isinstance(pad, int) or pad < 0:
+        raise ValueError(f"pad must be a whole number of pixels >= 0 (2 gives 12x12 images); got {pad!r}")
+    side = 8 + 2 * pad
+    data = _digits_split(seed)
+    tasks = [
+        _whole_dataset_task(
+            data, task,
+            functools.partial(pad_and_permute, pad=pad, permutation=pixel_permutation(task, seed, side * side)),
+            scenario, subsample, test_subsample, seed,
+        )
+        for task in range(num_tasks)
+    ]
+    return TaskStream("permuted_digits", scenario, tasks, input_shape=(1, side, side), classes_per_task=10)
 
 
 # ------------------------------------------------------------------------------------------------------- transforms
@@ -364,6 +388,18 @@ def _cached_idx(name: str, train: bool, root: Path) -> Images:
     # Every stream and every seed reads the same files; decompressing MNIST takes about a second, so do it once.
     # Callers index into these tensors (which copies) and never write to them.
     return idx.load_idx_dataset(name, train, root)
+
+
+def _digits_split(seed: int) -> dict[bool, Images]:
+    """The 8x8 digits as {train: (images, labels)}: a stratified 75/25 split drawn from ``seed``."""
+    images, labels = _sklearn_digits()
+    from sklearn.model_selection import train_test_split  # scikit-learn is slow to import; only these streams need it
+
+    train_index, test_index = train_test_split(
+        np.arange(len(labels)), test_size=0.25, stratify=labels.numpy(), random_state=seed
+    )
+    train_index, test_index = torch.from_numpy(np.sort(train_index)), torch.from_numpy(np.sort(test_index))
+    return {True: (images[train_index], labels[train_index]), False: (images[test_index], labels[test_index])}
 
 
 @functools.lru_cache(maxsize=1)
