@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -405,3 +406,76 @@ def test_penalty_via_gradient_is_taken_from_the_command_line(tmp_path):
     assert by_grad["config"]["method"]["callback"]["penalty_via"] == "gradient"
     for row_loss, row_grad in zip(by_loss["acc_matrix"], by_grad["acc_matrix"]):
         assert row_grad == pytest.approx(row_loss, abs=0.02)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Packaging: the library without the app's dependencies
+# ----------------------------------------------------------------------------------------------------------------------
+# Run first in a fresh interpreter: makes hydra-core, matplotlib and scikit-learn (the app's extra) not installed, as
+# far as imports and package metadata can tell (libraries such as torchmetrics look for matplotlib by its metadata).
+WITHOUT_APP_EXTRA = '''
+import re, sys
+MODULES = {"hydra", "omegaconf", "matplotlib", "sklearn"}
+DISTRIBUTIONS = {"hydra-core", "omegaconf", "matplotlib", "scikit-learn"}
+
+class NotInstalled:
+    def __init__(self, finder):
+        self.finder = finder
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in MODULES:
+            return None
+        return self.finder.find_spec(name, path, target)
+    def find_distributions(self, *args, **kwargs):
+        for dist in getattr(self.finder, "find_distributions", lambda *a, **k: [])(*args, **kwargs):
+            if re.sub(r"[-_.]+", "-", dist.metadata["Name"] or "").lower() not in DISTRIBUTIONS:
+                yield dist
+    def __getattr__(self, name):
+        return getattr(self.finder, name)
+
+sys.meta_path[:] = [NotInstalled(finder) for finder in sys.meta_path]
+'''
+LIBRARY_MODULES = ["lightning_ewc", "lightning_ewc.callback", "lightning_ewc.mixin", "lightning_ewc.fisher",
+                   "lightning_ewc.consolidation", "lightning_ewc.importance", "lightning_ewc.per_sample"]
+
+
+def without_app_extra(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", WITHOUT_APP_EXTRA + code], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_the_library_imports_without_the_apps_dependencies():
+    imports = "\n".join(f"import {module}" for module in LIBRARY_MODULES)
+    done = without_app_extra(imports + '''
+import importlib, pkgutil, lightning_ewc
+for info in pkgutil.walk_packages(lightning_ewc.__path__, "lightning_ewc."):
+    if not info.name.startswith(("lightning_ewc.app", "lightning_ewc.__main__")):
+        importlib.import_module(info.name)
+print(sorted({name.partition(".")[0] for name in sys.modules} & MODULES))
+''')
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[]"
+    # and the simulation is real: the app itself cannot be imported in that interpreter
+    assert without_app_extra("import hydra").returncode != 0
+
+
+def test_the_app_without_its_extra_says_what_to_install():
+    done = without_app_extra("import lightning_ewc.app.runner")
+    assert done.returncode != 0
+    assert "ImportError: the lightning-ewc app" in done.stderr and 'pip install "lightning-ewc[app]"' in done.stderr
+    assert "hydra-core, matplotlib, scikit-learn" in done.stderr
+    # the command (console script and python -m lightning_ewc) exits with the message alone
+    done = without_app_extra("import sys; sys.argv = ['lightning-ewc']; from lightning_ewc.__main__ import main; main()")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("lightning-ewc: the lightning-ewc app") and 'pip install "lightning-ewc[app]"' in done.stderr
+
+
+def test_pyproject_keeps_the_apps_dependencies_in_its_extra():
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[<>=\[ ]", requirement)[0] for requirement in project["dependencies"]}
+    assert names == {"torch", "lightning", "torchmetrics", "numpy"}
+    extras = project["optional-dependencies"]
+    assert {re.split(r"[<>= ]", r)[0] for r in extras["app"]} == {"hydra-core", "matplotlib", "scikit-learn"}
+    assert "lightning-ewc[app]" in extras["dev"]  # pip install -e ".[dev]" sets up the app and its tests too
+    assert project["scripts"]["lightning-ewc"] == "lightning_ewc.__main__:main"
