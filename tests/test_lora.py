@@ -1,5 +1,5 @@
-"""Adapters (peft's LoRA, IA³) on Hugging Face causal LMs built from configs: EWC consolidates the trainable adapter
-weights only, and every per-sample estimator on the wrapped model equals a float64 loop over samples (and, for
+"""Adapters (peft's LoRA, DoRA, IA³) on Hugging Face causal LMs built from configs: EWC consolidates the trainable
+adapter weights only, and every per-sample estimator on the wrapped model equals a float64 loop over samples (and, for
 ``exact``, over positions and classes).
 
 The batches are what a causal-LM fine-tune feeds ``model(**batch)``: ``input_ids``, ``attention_mask`` and Hugging
@@ -20,19 +20,20 @@ from torch.utils.data import DataLoader, Dataset
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from peft import IA3Config, LoraConfig, get_peft_model  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from helpers import make_trainer
+from peft import IA3Config, LoraConfig, get_peft_model
+from test_fisher import eval_mode
+from test_sequence_fisher import assert_matches
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from helpers import make_trainer  # noqa: E402
-from lightning_ewc import EWCCallback, EWCMixin, estimate_fisher  # noqa: E402
-from lightning_ewc.fisher import IGNORE_INDEX, accumulate_importance  # noqa: E402
-from test_fisher import eval_mode  # noqa: E402
-from test_sequence_fisher import assert_matches  # noqa: E402
+from lightning_ewc import EWCCallback, EWCMixin, estimate_fisher
+from lightning_ewc.fisher import IGNORE_INDEX, accumulate_importance
 
 # transformers 5 deprecates a method peft still calls when wrapping a model; not ours to act on
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
 VOCAB, T, PROMPT, PAD = 16, 7, 2, 0
+FALLBACK_ROUTES = {"vmap", "loop"}  # the routes that compute per-sample gradients; a layer rule names its own
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -55,17 +56,32 @@ def tiny_gpt2() -> nn.Module:
 
 
 # name -> (base model, adapter config). LoRA's A and B are nn.Linear layers (also around GPT-2's Conv1D, whose weight
-# is transposed: peft sets fan_in_fan_out); LoRA on an embedding and IA³ hold bare parameters.
+# is transposed: peft sets fan_in_fan_out); LoRA on an embedding, IA³ and DoRA's magnitudes are bare parameters.
 ADAPTERS = {
-    "lora-llama-attention": (tiny_llama, lambda: LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
-                                                            target_modules=["q_proj", "v_proj"])),
-    "lora-gpt2-conv1d": (tiny_gpt2, lambda: LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, fan_in_fan_out=True,
-                                                       target_modules=["c_attn", "c_fc"])),
-    "lora-llama-embedding-mlp": (tiny_llama, lambda: LoraConfig(r=4, lora_alpha=8,
-                                                                target_modules=["embed_tokens", "up_proj", "down_proj"])),
-    "ia3-llama": (tiny_llama, lambda: IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
-                                                feedforward_modules=["down_proj"])),
+    "lora-llama-attention": (
+        tiny_llama,
+        lambda: LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]),
+    ),
+    "lora-gpt2-conv1d": (
+        tiny_gpt2,
+        lambda: LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, fan_in_fan_out=True, target_modules=["c_attn", "c_fc"]),
+    ),
+    "lora-llama-embedding-mlp": (
+        tiny_llama,
+        lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "up_proj", "down_proj"]),
+    ),
+    "ia3-llama": (
+        tiny_llama,
+        lambda: IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    ),
+    # DoRA also calls lora_A and lora_B on torch.eye(in_features) to form its weight norm: a call without a dimension
+    # of samples, so their per-sample gradients cannot come from the Linear closed form
+    "dora-llama": (
+        tiny_llama,
+        lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True),
+    ),
 }
+CLOSED_FORM_FACTORS = {"lora-llama-attention", "lora-gpt2-conv1d", "lora-llama-embedding-mlp"}
 
 
 def adapted(name: str, seed: int = 0) -> nn.Module:
@@ -87,6 +103,10 @@ def adapted(name: str, seed: int = 0) -> nn.Module:
     return model.train()
 
 
+def is_lora_factor(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
+
+
 def adapter_names(model: nn.Module) -> set[str]:
     return {name for name, p in model.named_parameters() if p.requires_grad}
 
@@ -102,7 +122,7 @@ def lm_batches(seed: int = 1, n: int = 6, sizes=(4, 2), length: int = T) -> list
     input_ids[padding] = PAD
     labels = input_ids.masked_fill(padding, IGNORE_INDEX)
     labels[:, :PROMPT] = IGNORE_INDEX
-    rows = dict(input_ids=input_ids, attention_mask=(~padding).long(), labels=labels)
+    rows = {"input_ids": input_ids, "attention_mask": (~padding).long(), "labels": labels}
     batches, start = [], 0
     for size in sizes:
         batches.append({k: v[start : start + size] for k, v in rows.items()})
@@ -192,10 +212,12 @@ def test_estimators_on_adapters_match_the_brute_force_loop(adapter, estimator):
 
     assert set(got) == trainable and result.count == 6  # the adapters and nothing of the frozen base
     assert_matches(got, want)
-    # LoRA's A and B around a Linear or a Conv1D are nn.Linear layers: the closed form, no per-sample gradients.
-    # Bare parameters (LoRA's embedding factors, IA³'s scales) go through vmap; none may fall back to the loop.
+    # LoRA's A and B around a Linear or a Conv1D are nn.Linear layers: a closed form, no per-sample gradients.
+    # Bare parameters (LoRA's embedding factors, IA³'s scales, DoRA's magnitudes) and DoRA's factors take vmap; none
+    # may fall back to the loop.
     for name, route in result.routes.items():
-        assert route == ("tap" if ".lora_A." in name or ".lora_B." in name else "vmap"), (name, route)
+        closed_form = adapter in CLOSED_FORM_FACTORS and is_lora_factor(name)
+        assert route != "loop" and (route not in FALLBACK_ROUTES or not closed_form), (name, route)
     assert {name: m.training for name, m in model.named_modules()} == modes
     assert all(p.grad is sentinel.get(name) for name, p in model.named_parameters())
     assert all(torch.equal(p.grad, sentinel[name]) for name, p in model.named_parameters() if p.requires_grad)
@@ -208,30 +230,22 @@ def test_estimate_fisher_on_an_adapter_model_names_only_the_adapters():
     model = adapted("lora-llama-attention", seed=4)
     got = estimate_fisher(model, lm_batches(), "sampled", logits_fn=lambda b: logits_of(model, b))
     assert set(got) == adapter_names(model)
-    assert all(".lora_A." in name or ".lora_B." in name for name in got)
+    assert all(is_lora_factor(name) for name in got)
     assert all(float(f.abs().max()) > 0 for f in got.values())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DoRA calls lora_A/lora_B on torch.eye(in_features) to form its weight norm, a call whose rows are not "
-    "samples; the nn.Linear tap merges it with the per-sample call by reshaping both to the first call's row count: "
-    "an error when the sizes do not divide, wrong per-sample gradients (right sums, so the self-check passes) when "
-    "they do",
-)
-@pytest.mark.parametrize("n, length", [(6, T), (4, 8)], ids=["sizes-do-not-divide", "4x8-positions-divide"])
-def test_dora_matches_the_brute_force_loop(n, length):
-    torch.manual_seed(0)
-    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True))
-    model.double()
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+@pytest.mark.parametrize("n, length", [(4, 8), (32, T)], ids=["4x8-positions", "32-samples"])
+def test_doras_identity_call_is_not_taken_for_samples(n, length):
+    """Batches shaped so that DoRA's torch.eye(32) call could pass for samples: 4 × 8 positions, whose rows regroup
+    into 32, and 32 samples, as many as the identity has rows. Summed gradients are the same either way; only the
+    per-sample ones tell."""
+    model = adapted("dora-llama", seed=5)
     batches = lm_batches(n=n, sizes=(n,), length=length)
     want = brute_force(model, batches, "empirical")
-    got = estimate_fisher(model, batches, "empirical", logits_fn=lambda b: logits_of(model, b), targets_fn=targets_of)
-    assert_matches(got, want)
+    result = accumulate_importance(model, batches, "empirical", logits_fn=lambda b: logits_of(model, b),
+                                   targets_fn=targets_of)
+    assert_matches({name: s / result.count for name, s in result.sums.items()}, want)
+    assert "loop" not in result.routes.values()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -260,7 +274,7 @@ def task_rows(step: int, n: int = 24, seed: int = 0) -> Rows:
     input_ids = input_ids.masked_fill(padding, PAD)
     labels = input_ids.masked_fill(padding, IGNORE_INDEX)
     labels[:, :PROMPT] = IGNORE_INDEX
-    return Rows(dict(input_ids=input_ids, attention_mask=(~padding).long(), labels=labels))
+    return Rows({"input_ids": input_ids, "attention_mask": (~padding).long(), "labels": labels})
 
 
 class LoRALM(EWCMixin, L.LightningModule):
@@ -311,11 +325,11 @@ def fit_two_tasks(ewc_lambda: float, penalty_via: str, steps: int = 8):
 
 @pytest.mark.parametrize("penalty_via", ["loss", "gradient"])
 def test_two_tasks_through_a_trainer_consolidate_only_the_adapters(penalty_via):
-    module, callback, base_before, after_a, data_a = fit_two_tasks(ewc_lambda=50.0, penalty_via=penalty_via)
+    module, callback, base_before, _, data_a = fit_two_tasks(ewc_lambda=50.0, penalty_via=penalty_via)
     trainable = adapter_names(module)
-    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert trainable and all(is_lora_factor(n) for n in trainable)
     assert callback.num_tasks == 2 and callback.last_estimate.count == len(data_a)
-    assert set(callback.last_estimate.routes.values()) == {"tap"}
+    assert not set(callback.last_estimate.routes.values()) & FALLBACK_ROUTES
 
     # the state: an importance and a centre for each adapter tensor, nothing for the frozen base
     importance, centre = callback.state.importance, callback.state.centre
@@ -363,7 +377,7 @@ def test_penalty_modes_train_alike_and_the_penalty_holds_task_a():
     for name, p in final["loss"].items():
         torch.testing.assert_close(final["gradient"][name], p, rtol=1e-4, atol=1e-6)
 
-    module, callback, _, after_a, _ = runs["loss"]
+    _, callback, _, after_a, _ = runs["loss"]
     importance = callback.state.importance
 
     def weighted_drift(run):
