@@ -126,6 +126,7 @@ class EWCCallback(Callback):
         self._fit_start_step: int | None = None
         # sharded (DTensor) parameters by name: the state holds their local shards; their layout serves checkpoints
         self._sharded: dict[str, DTensor] = {}
+        self._ranks_sharing = 1
 
     # ------------------------------------------------------------------------------------------------------------------
     # Properties
@@ -385,12 +386,13 @@ class EWCCallback(Callback):
         if not params:
             device = next(pl_module.parameters()).device if any(True for _ in pl_module.parameters()) else None
             return torch.zeros((), device=device)
-        shards = [local(p) for p in params]  # each rank's part of the sum over a sharded parameter's entries
+        ranks = self._ranks_sharing
+        shards = params if ranks == 1 else [local(p) for p in params]  # each rank's part of a sharded sum
         if self.penalty_via == "gradient":
             quadratic = penalty_from_squared(shards, first, second)
         else:
             quadratic = quadratic_penalty(first, second, shards)
-        return (0.5 * self.ewc_lambda) * (quadratic + self.state.constant / self._ranks_sharing(params))
+        return (0.5 * self.ewc_lambda) * (quadratic + self.state.constant / ranks)
 
     def add_penalty_gradient(self, pl_module: nn.Module, optimizer=None) -> None:
         """Adds λ F ⊙ (θ − c) to the ``.grad`` of the consolidated parameters (those of ``optimizer`` if given)."""
@@ -413,14 +415,10 @@ class EWCCallback(Callback):
             self.ewc_lambda,
         )
 
-    @staticmethod
-    def _ranks_sharing(params: list[Tensor]) -> int:
-        """How many ranks each hold a part of the penalty: the ranks of the sharding, 1 without sharding."""
-        return next((p.device_mesh.size() for p in params if isinstance(p, DTensor)), 1)
-
     def sharded(self, pl_module: nn.Module) -> bool:
         """Whether the consolidated parameters are sharded: each rank's penalty is then its part of the whole."""
-        return any(isinstance(p, DTensor) for p in self._aligned(pl_module)[0])
+        self._aligned(pl_module)
+        return self._ranks_sharing > 1
 
     def _localize(self, pl_module: nn.Module) -> None:
         """Cuts this rank's shard out of full-size state (from a checkpoint, saved with any number of ranks) for every
@@ -491,5 +489,7 @@ class EWCCallback(Callback):
             roots.append(root.to(p.device))  # float32 always: the penalty's arithmetic dtype
             centres.append(self.state.centre[name].to(p.device))
         aligned = (params, roots, centres)
+        # how many ranks each hold a part of the penalty: the ranks of the sharding, 1 without
+        self._ranks_sharing = next((p.device_mesh.size() for p in params if isinstance(p, DTensor)), 1)
         self._penalty_cache = ((id(pl_module), self._version, generation), aligned, [p.shape for p in params])
         return aligned
