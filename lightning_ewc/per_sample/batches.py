@@ -19,7 +19,11 @@ def slice_batch(batch: Batch, start: int, stop: int, n: int) -> Batch:
 
 
 def batch_size_of(batch: Batch) -> int | None:
-    """The first dimension of the first tensor in ``batch`` (None if the batch holds no tensor)."""
+    """The first dimension of the first tensor in ``batch`` (None if the batch holds no tensor).
+
+    Not Lightning's ``extract_batch_size``: that one counts a 0-dim tensor (a temperature, a task id) as a batch of
+    1 and warns on every batch whose tensors differ in their first dimension (labels [N] beside a vocabulary table),
+    and raises where a batch has no tensor; the importance pass needs the samples of the inputs, quietly."""
     for x in tree_flatten(batch)[0]:
         if isinstance(x, Tensor) and x.dim() > 0:
             return int(x.shape[0])
