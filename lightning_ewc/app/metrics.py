@@ -14,7 +14,7 @@ Chaudhry et al. 2018, "Riemannian Walk for Incremental Learning" (forgetting). S
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 Matrix = list[list[float]]
@@ -24,6 +24,7 @@ __all__ = [
     "average_accuracy",
     "average_forgetting",
     "backward_transfer",
+    "format_matrices",
     "format_matrix",
     "forward_transfer",
     "summarize",
@@ -136,4 +137,36 @@ def format_matrix(R: Any) -> str:
     for label, row in zip(row_labels, rows):
         cells = "".join("  " + f"{100 * value:.1f}".rjust(cell_width) for value in row)
         lines.append(label.ljust(label_width) + cells)
+    return "\n".join(lines)
+
+
+def format_matrices(matrices: Mapping[str, Any]) -> str:
+    """Several accuracy matrices of one stream side by side, in percent, under their names (e.g. two methods).
+
+    Compact so that two five-task matrices fit an 80-column terminal: rows are "after training task i", columns
+    "task j", both labelled by number only, as the first line says.
+    """
+    if not matrices:
+        raise ValueError("format_matrices needs at least one matrix")
+    blocks = {name: as_rows(R) for name, R in matrices.items()}
+    shapes = {name: (len(rows), len(rows[0])) for name, rows in blocks.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"matrices to show side by side must have the same shape, got {shapes}")
+    n_rows, n_columns = next(iter(shapes.values()))
+    cell, gap = 6, "   "
+    label_width = max(5, len(str(n_rows - 1)))
+    block_width = cell * n_columns
+
+    def line(label: str, cells: list[list[str]]) -> str:
+        blocks_text = gap.join("".join(c.rjust(cell) for c in block) for block in cells)
+        return (label.rjust(label_width) + gap + blocks_text).rstrip()
+
+    names = " " * (label_width + len(gap)) + gap.join(name[:block_width].ljust(block_width) for name in blocks)
+    lines = [
+        "accuracy (%) on task j (columns) after training task i (rows)",
+        names.rstrip(),
+        line("i \\ j", [[str(j) for j in range(n_columns)] for _ in blocks]),
+    ]
+    for i in range(n_rows):
+        lines.append(line(str(i), [[f"{100 * value:.1f}" for value in rows[i]] for rows in blocks.values()]))
     return "\n".join(lines)

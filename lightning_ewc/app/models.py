@@ -104,6 +104,8 @@ class ContinualClassifier(EWCMixin, L.LightningModule):
         self.num_outputs = outputs
         self.optimizer_factory = optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3))
         self.task = 0
+        # Steps trained before this fit (earlier tasks had Trainers of their own): the loggers' step axis starts there.
+        self.logged_steps_before = 0
         self.active_classes = outputs if scenario != "class" else classes_per_task
         self.test_accuracy = nn.ModuleList(
             MulticlassAccuracy(num_classes=outputs, average="micro") for _ in range(num_tasks)
@@ -131,6 +133,9 @@ class ContinualClassifier(EWCMixin, L.LightningModule):
         x, y, t = batch
         loss = nn.functional.cross_entropy(self.logits(x, t), y)
         self.log("train/loss", loss, prog_bar=True)
+        # A metric named "step" is what Lightning hands the loggers as the step of this row (instead of the Trainer's
+        # own count, which restarts with each task's Trainer), so curves run on over the tasks.
+        self.log("step", float(self.logged_steps_before + self.global_step))
         return loss
 
     def ewc_logits(self, batch) -> Tensor:

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 from lightning_ewc.app.metrics import as_rows
 
-__all__ = ["accuracy_matrix_figure", "plot_accuracy_matrix", "plot_task_curves"]
+__all__ = ["accuracy_matrix_figure", "plot_accuracy_matrix", "plot_comparison", "plot_task_curves"]
 
 _CMAP = "viridis"
 
@@ -36,14 +36,10 @@ def _save(figure: Figure, path: str | Path) -> Path:
     return path
 
 
-def accuracy_matrix_figure(R: Any, title: str = "Accuracy matrix") -> Figure:
-    """Heatmap of R in percent, colour scale fixed to 0..1 so that figures from different runs compare by eye."""
-    rows = as_rows(R)
+def _draw_heatmap(axes, rows: list[list[float]], title: str) -> Any:
+    """R in percent on ``axes``, colour scale fixed to 0..1 so that figures from different runs compare by eye."""
     n_trained, n_tasks = len(rows), len(rows[0])
-    figure = _new_figure(width=1.6 + 0.75 * n_tasks, height=1.4 + 0.6 * n_trained)
-    axes = figure.add_subplot()
     image = axes.imshow(rows, cmap=_CMAP, vmin=0.0, vmax=1.0, aspect="auto")
-    figure.colorbar(image, ax=axes, label="accuracy")
     for i, row in enumerate(rows):
         for j, value in enumerate(row):
             # Dark text on the bright (yellow) end of viridis, light text on the dark end.
@@ -54,6 +50,17 @@ def accuracy_matrix_figure(R: Any, title: str = "Accuracy matrix") -> Figure:
     axes.set_xlabel("task evaluated")
     axes.set_ylabel("after training task")
     axes.set_title(title)
+    return image
+
+
+def accuracy_matrix_figure(R: Any, title: str = "Accuracy matrix") -> Figure:
+    """Heatmap of R in percent, colour scale fixed to 0..1 so that figures from different runs compare by eye."""
+    rows = as_rows(R)
+    n_trained, n_tasks = len(rows), len(rows[0])
+    figure = _new_figure(width=1.6 + 0.75 * n_tasks, height=1.4 + 0.6 * n_trained)
+    axes = figure.add_subplot()
+    image = _draw_heatmap(axes, rows, title)
+    figure.colorbar(image, ax=axes, label="accuracy")
     return figure
 
 
@@ -93,4 +100,47 @@ def plot_task_curves(R: Any, path: str | Path, title: str = "Accuracy per task")
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    return _save(figure, path)
+
+
+def _seen_average(rows: list[list[float]]) -> list[float]:
+    """After each task trained, the mean accuracy over the tasks trained so far."""
+    return [sum(row[: i + 1]) / (i + 1) for i, row in enumerate(rows)]
+
+
+def plot_comparison(matrices: dict[str, Any], path: str | Path, title: str | None = None) -> Path:
+    """Save one PNG that compares methods trained on the same stream: each method's accuracy matrix as a heatmap
+    (same colour scale), and beside them the average accuracy over the tasks seen so far, one line per method.
+
+    In a heatmap, row i is the network after training task i and column j its accuracy on task j: the diagonal is
+    each task just learned, everything left of it is what is left of the earlier tasks (forgetting shows as dark).
+    """
+    if not matrices:
+        raise ValueError("plot_comparison needs at least one accuracy matrix")
+    blocks = {name: as_rows(R) for name, R in matrices.items()}
+    n_trained, n_tasks = len(next(iter(blocks.values()))), len(next(iter(blocks.values()))[0])
+    heatmap_width = 1.0 + 0.6 * n_tasks
+    figure = _new_figure(width=1.5 + heatmap_width * len(blocks) + 4.5, height=1.8 + 0.6 * max(n_trained, 4))
+    grid = figure.add_gridspec(1, len(blocks) + 1, width_ratios=[heatmap_width] * len(blocks) + [4.0])
+    heatmaps, image = [], None
+    for k, (name, rows) in enumerate(blocks.items()):
+        axes = figure.add_subplot(grid[0, k])
+        image = _draw_heatmap(axes, rows, f"{name}: average {100 * _seen_average(rows)[-1]:.1f}%")
+        if k:
+            axes.set_ylabel("")
+        heatmaps.append(axes)
+    figure.colorbar(image, ax=heatmaps, label="accuracy", shrink=0.8)
+    curves = figure.add_subplot(grid[0, -1])
+    colours = matplotlib.colormaps["tab10"]
+    for k, (name, rows) in enumerate(blocks.items()):
+        trained = list(range(len(rows)))
+        curves.plot(trained, _seen_average(rows), color=colours(k % colours.N), marker="o", linewidth=2.5, label=name)
+    curves.set_xticks(range(n_trained))
+    curves.set_ylim(-0.02, 1.02)
+    curves.set_xlabel("after training task")
+    curves.set_ylabel("average accuracy on the tasks trained so far")
+    curves.grid(alpha=0.3)
+    curves.legend(loc="lower left", frameon=False)
+    if title:
+        figure.suptitle(title)
     return _save(figure, path)

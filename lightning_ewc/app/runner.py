@@ -1,12 +1,16 @@
 """The per-task runner: for each task of a stream, fit, then test on every task; results after every task.
 
-One Trainer serves the whole stream (raising max_steps/max_epochs per task), so logged steps keep increasing across
-tasks and every callback (EWC included) sees each task's fit.
+Each task gets a Trainer of its own; the loggers are shared, and the model logs the step count of the whole run, so
+logged curves keep increasing across tasks and every callback (EWC included) sees each task's fit. A method config
+with ``compare_with`` (the default, ``ewc_vs_finetune``) first trains that other method on the same stream, in a
+folder of its own, and the run ends with both accuracy matrices side by side.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -19,11 +23,13 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from lightning_ewc.app.console import TaskProgressBar, quiet_lightning, say
 from lightning_ewc.app.datamodule import TaskDataModule
-from lightning_ewc.app.metrics import format_matrix, summarize
 from lightning_ewc.app.methods import METHODS, CarryOptimizerState
+from lightning_ewc.app.metrics import format_matrices, format_matrix, summarize
 from lightning_ewc.app.models import ContinualClassifier, resolve_heads
 from lightning_ewc.app.streams import SCENARIOS, TaskStream
 
@@ -36,27 +42,40 @@ RESULTS = "results.json"
 # ----------------------------------------------------------------------------------------------------------------------
 def validate(cfg: DictConfig) -> None:
     """Refuses impossible combinations with the reason, before anything is built or trained."""
-    method = cfg.method
-    if method.name not in METHODS:
-        raise ValueError(f"unknown method {method.name!r}; valid: {', '.join(METHODS)}")
+    _validate_method(cfg.method, "method")
+    compare_with = cfg.method.get("compare_with")
+    if compare_with is not None:
+        if not isinstance(compare_with, DictConfig) or "name" not in compare_with:
+            raise ValueError(
+                "method.compare_with names a method config to train first for comparison, e.g. "
+                f"'+method@method.compare_with=finetune', or is null; got {compare_with!r}"
+            )
+        _validate_method(compare_with, "method.compare_with")
+        if compare_with.get("compare_with") is not None:
+            raise ValueError("method.compare_with cannot itself have a compare_with: one comparison per run")
     scenario = cfg.stream.get("scenario", "task")
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; valid: {', '.join(SCENARIOS)}")
     resolve_heads(scenario, cfg.model.get("heads", "auto"))
-    if method.joint and method.callback is not None:
-        raise ValueError(
-            "method=joint trains on the union of all tasks seen so far, so there is nothing to consolidate; "
-            "a penalty or freezing callback (method.callback) makes no sense with it: set method.callback=null"
-        )
     steps, epochs = cfg.train.steps_per_task, cfg.train.epochs_per_task
     if (steps is None) == (epochs is None):
         raise ValueError("set exactly one of train.steps_per_task and train.epochs_per_task (the other to null)")
     if (steps or epochs or 0) <= 0:
         raise ValueError("train.steps_per_task / train.epochs_per_task must be a positive integer")
-    if cfg.train.get("keep_optimizer_state") and method.name == "freeze":
+    if cfg.train.get("keep_optimizer_state") and "freeze" in (cfg.method.name, (compare_with or {}).get("name")):
         raise ValueError(
             "train.keep_optimizer_state=true cannot carry the optimizer over to method=freeze's later tasks, whose "
             "optimizer has other parameter groups (the frozen trunk is left out); set train.keep_optimizer_state=false"
+        )
+
+
+def _validate_method(method: DictConfig, where: str) -> None:
+    if method.name not in METHODS:
+        raise ValueError(f"unknown method {method.name!r} in {where}; valid: {', '.join(METHODS)}")
+    if method.joint and method.callback is not None:
+        raise ValueError(
+            "method=joint trains on the union of all tasks seen so far, so there is nothing to consolidate; "
+            f"a penalty or freezing callback ({where}.callback) makes no sense with it: set {where}.callback=null"
         )
 
 
@@ -70,6 +89,7 @@ class Results:
     baseline: list[float] | None = None
     task_times: list[float] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    pictures: list[Path] = field(default_factory=list)  # drawn at the end, not saved in results.json
 
     @property
     def tasks_done(self) -> int:
@@ -137,24 +157,12 @@ def build_loggers(cfg: DictConfig) -> list:
     return [build(conf) for conf in loggers.values() if conf is not None and "_target_" in conf]
 
 
-class TaskProgress(L.Callback):
-    """A task-level line above Lightning's progress bar: which task, and the average accuracy so far."""
-
-    def __init__(self, num_tasks: int, results: Results) -> None:
-        self.num_tasks, self.results = num_tasks, results
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero:
-            avg = self.results.summary()["avg_acc"]
-            so_far = "" if avg is None else f" | average accuracy so far {100 * avg:.2f}%"
-            print(f"[lightning-ewc] task {pl_module.task + 1}/{self.num_tasks}{so_far}", flush=True)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------------------------------
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Trains and tests the configured stream; returns what results.json holds.
+    """Trains and tests the configured stream (after the comparison method, if the method config names one);
+    returns what results.json holds.
 
     Each task gets a fresh Trainer (so a fresh optimizer and clean loop state, as in the library's own usage); the
     callbacks that carry state across tasks (the method's) are the same objects throughout. After each task the
@@ -162,9 +170,30 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     exactly as an uninterrupted one does.
     """
     validate(cfg)
+    with quiet_lightning(enabled=not cfg.get("verbose", False)):
+        compared = None
+        if cfg.method.get("compare_with") is not None:
+            compared = _train_stream(comparison_config(cfg), comparison_for=cfg.method.name)
+        results = _train_stream(cfg, compared=compared)
+        if rank_zero_only.rank == 0:
+            _print_summary(results, compared)
+    return results.as_dict()
+
+
+def comparison_config(cfg: DictConfig) -> DictConfig:
+    """The run's config with ``method.compare_with`` as the method, writing to a folder of the run named after it."""
+    other = cfg.method.compare_with
+    config = copy.deepcopy(cfg)
+    with open_dict(config):
+        config.method = OmegaConf.to_container(other, resolve=True)
+        config.output_dir = str(Path(cfg.output_dir) / other.name)
+    return config
+
+
+def _train_stream(cfg: DictConfig, compared: Results | None = None, comparison_for: str | None = None) -> Results:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # every method of a comparison starts from the same init
     stream: TaskStream = build(cfg.stream)
     model = build_model(cfg, stream)
     datamodule = TaskDataModule(
@@ -174,7 +203,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     results = Results(out / RESULTS, meta=_meta(cfg, stream))
     if cfg.resume and results.path.exists():
         results = Results.load(results.path)
+    if comparison_for is not None:
+        results.meta["comparison_for"] = comparison_for  # sweep summaries keep one row per job (sweep.py)
+    if compared is not None:
+        results.meta["compared_with"] = {
+            "method": compared.meta["method"], "results": str(compared.path.relative_to(out)), **compared.summary()
+        }
     ckpt_dir = out / CHECKPOINTS
+    method = cfg.method.name
+    say(f"{stream.name}, {stream.num_tasks} {stream.scenario}-incremental tasks: training {method}; writing to {out}")
 
     persistent: list[L.Callback] = [build(cfg.method.callback)] if cfg.method.callback is not None else []
     persistent += [build(c) for c in cfg.get("extra_callbacks") or []]
@@ -185,7 +222,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     if results.baseline is None:  # accuracy of the untrained network: the reference for forward transfer
-        results.baseline = _test(_trainer(cfg, [], [], logged_steps=0), model, datamodule)
+        results.baseline = _test(_trainer(cfg, [], [], enable_progress_bar=False), model, datamodule)
     first_task = results.tasks_done
     if first_task > 0:  # resuming: the weights and callback states after the last finished task
         _restore(ckpt_dir / f"task{first_task - 1}_end.ckpt", model, persistent)
@@ -193,14 +230,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for task in range(first_task, stream.num_tasks):
         model.set_task(task)
         datamodule.set_task(task)
+        model.logged_steps_before = results.meta.get("logged_steps", 0)
         mid_task = ckpt_dir / f"task{task}_last.ckpt"
         callbacks = persistent + [
             # rolling, overwritten at every epoch end (Lightning writes save_last only beside a top-k file)
             ModelCheckpoint(dirpath=ckpt_dir, filename=mid_task.stem, save_top_k=1, save_on_train_epoch_end=True,
                             enable_version_counter=False),
-            TaskProgress(stream.num_tasks, results),
         ]
-        trainer = _trainer(cfg, callbacks, loggers, logged_steps=results.meta.get("logged_steps", 0))
+        if cfg.trainer.get("enable_progress_bar", True):
+            callbacks.append(TaskProgressBar(f"{method}: task {task + 1}/{stream.num_tasks}"))
+        trainer = _trainer(
+            cfg, callbacks, loggers,
+            log_every_n_steps=_log_every_n_steps(cfg, datamodule),
+            # the same model every task: its summary once, for the run's first fit, if the trainer config asks for it
+            enable_model_summary=bool(cfg.trainer.get("enable_model_summary")) and task == 0 and compared is None,
+        )
         started = time.perf_counter()
         with warnings.catch_warnings():  # the folder holds the previous task's checkpoint on purpose
             warnings.filterwarnings("ignore", message=".*exists and is not empty")
@@ -209,27 +253,36 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         trainer.save_checkpoint(ckpt_dir / f"task{task}_end.ckpt", weights_only=False)
         results.acc_matrix.append(row)
         results.task_times.append(time.perf_counter() - started)
-        results.meta["logged_steps"] = trainer.fit_loop.epoch_loop._batches_that_stepped
+        results.meta["logged_steps"] = model.logged_steps_before + trainer.global_step
         if trainer.is_global_zero:
             results.save()
             _log_task(loggers, results, task, results.meta["logged_steps"])
             # only now are these superseded: a crash before results.save() resumes from them
             mid_task.unlink(missing_ok=True)
             (ckpt_dir / f"task{task - 1}_end.ckpt").unlink(missing_ok=True)
+        seen = "accuracy on task 0" if task == 0 else f"average accuracy on tasks 0-{task}"
+        say(f"{method}: task {task + 1}/{stream.num_tasks} done in {results.task_times[-1]:.1f} s, "
+            f"{seen}: {100 * results.summary()['avg_acc']:.2f}%")
 
-    if _is_global_zero():
+    if rank_zero_only.rank == 0:
         _finish(results, loggers, out)
-    return results.as_dict()
+    return results
 
 
-def _trainer(cfg: DictConfig, callbacks: list, loggers: list, logged_steps: int) -> L.Trainer:
+def _trainer(cfg: DictConfig, callbacks: list, loggers: list, **settings: Any) -> L.Trainer:
     steps, epochs = cfg.train.steps_per_task, cfg.train.epochs_per_task
     length = {"max_steps": steps, "max_epochs": -1} if steps is not None else {"max_epochs": epochs}
-    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False, **length)
-    # Loggers are shared by the tasks' Trainers; continue their step axis where the last task stopped (this is the
-    # counter Lightning logs with; it is restored from checkpoints too, so a mid-task resume keeps it as well).
-    trainer.fit_loop.epoch_loop._batches_that_stepped = logged_steps
-    return trainer
+    return build(cfg.trainer, callbacks=callbacks, logger=loggers or False, **length, **settings)
+
+
+def _log_every_n_steps(cfg: DictConfig, datamodule: TaskDataModule) -> int:
+    """The trainer config's logging interval, but at most one epoch of one process's batches: Lightning warns when
+    an epoch is shorter than the interval (tiny or subsampled tasks)."""
+    configured = int(cfg.trainer.get("log_every_n_steps") or 50)
+    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1) or 1
+    processes = devices * nodes if isinstance(devices, int) and devices > 0 else 1  # "auto", -1: not known here
+    per_process = math.ceil(len(datamodule.train_dataset()) / processes)
+    return max(1, min(configured, math.ceil(per_process / cfg.train.batch_size)))
 
 
 def _restore(path: Path, model: ContinualClassifier, callbacks: list[L.Callback]) -> None:
@@ -241,11 +294,6 @@ def _restore(path: Path, model: ContinualClassifier, callbacks: list[L.Callback]
     for callback in callbacks:
         if callback.state_key in state.get("callbacks", {}):
             callback.load_state_dict(state["callbacks"][callback.state_key])
-
-
-def _is_global_zero() -> bool:
-    return not torch.distributed.is_available() or not torch.distributed.is_initialized() or \
-        torch.distributed.get_rank() == 0
 
 
 def _test(trainer: L.Trainer, model: ContinualClassifier, datamodule: TaskDataModule) -> list[float]:
@@ -283,21 +331,45 @@ def _log_task(loggers: list, results: Results, task: int, step: int) -> None:
 
 
 def _finish(results: Results, loggers: list, out: Path) -> None:
+    """The run's own pictures, and the results in W&B."""
     from lightning_ewc.app.plots import plot_accuracy_matrix, plot_task_curves
 
     heatmap = plot_accuracy_matrix(results.acc_matrix, out / "accuracy_matrix.png")
     curves = plot_task_curves(results.acc_matrix, out / "task_curves.png")
+    results.pictures = [heatmap, curves]
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             _log_to_wandb(logger, results, heatmap, curves)
-    summary = results.summary()
-    print(format_matrix(results.acc_matrix))
-    print(
-        "average accuracy {avg_acc}, BWT {bwt}, FWT {fwt}, forgetting {forgetting}".format(
-            **{k: "n/a" if v is None else f"{100 * v:.2f}%" for k, v in summary.items()}
-        )
-    )
-    print(f"results: {results.path}\npictures: {heatmap}, {curves}")
+
+
+def _print_summary(results: Results, compared: Results | None) -> None:
+    """The accuracy matrix (both, side by side, in a comparison), the metrics, and where the files are. A comparison
+    also gets its picture: both heatmaps and both average-accuracy curves."""
+    method = results.meta["method"]
+    if compared is None:
+        print(format_matrix(results.acc_matrix))
+        runs = [results]
+    else:
+        runs = [compared, results]
+        print(format_matrices({run.meta["method"]: run.acc_matrix for run in runs}))
+    width = max(len(run.meta["method"]) for run in runs)
+    for run in runs:
+        metrics = {k: "n/a" if v is None else f"{100 * v:.2f}%" for k, v in run.summary().items()}
+        print(f"{run.meta['method'] + ':':<{width + 1}} average accuracy {metrics['avg_acc']}, BWT {metrics['bwt']}, "
+              f"FWT {metrics['fwt']}, forgetting {metrics['forgetting']}")
+    pictures = list(results.pictures)
+    if compared is not None:
+        from lightning_ewc.app.plots import plot_comparison
+
+        other = compared.meta["method"]
+        ours, theirs = results.summary()["avg_acc"], compared.summary()["avg_acc"]
+        print(f"{method} ends at {100 * ours:.1f}% average accuracy over the tasks, {other} at {100 * theirs:.1f}% "
+              f"({100 * (ours - theirs):+.1f} points)")
+        title = f"{results.meta['stream']}: {len(results.acc_matrix)} tasks, {other} then {method} from the same start"
+        pictures.insert(0, plot_comparison({other: compared.acc_matrix, method: results.acc_matrix},
+                                           results.path.parent / f"{method}_vs_{other}.png", title))
+    print(f"results: {results.path}" + ("" if compared is None else f" ({compared.meta['method']}: {compared.path})"))
+    print(f"pictures: {', '.join(str(p) for p in pictures)}")
 
 
 def _log_to_wandb(logger: WandbLogger, results: Results, heatmap: Path, curves: Path) -> None:

@@ -89,7 +89,9 @@ def _markdown_table(rows: list[dict]) -> str:
 def write_summary(sweep_dir: str | Path) -> tuple[Path, Path]:
     """Write ``<sweep_dir>/summary.csv`` and ``<sweep_dir>/summary.md`` from the jobs' results; return both paths."""
     sweep_dir = Path(sweep_dir)
-    rows = summary_rows(collect_runs(sweep_dir))
+    # One row per job: a job's comparison run (method.compare_with) sits in the job's folder, and its figures are in
+    # the job's results.json under "compared_with".
+    rows = summary_rows([run for run in collect_runs(sweep_dir) if not run.get("comparison_for")])
     csv_path, markdown_path = sweep_dir / "summary.csv", sweep_dir / "summary.md"
     with csv_path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=SUMMARY_COLUMNS)
