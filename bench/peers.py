@@ -1,9 +1,10 @@
 """Our diagonal Fisher against the per-sample-gradient libraries: BackPACK, nngeometry, ASDL, Opacus (and curvlinops).
 
-Same samples, models and batch size as fisher_speed.py (MNIST, batch 128, the MLP 784-400-400-10 and the app's CNN).
-Every variant runs on its own copy of the model (BackPACK's and Opacus' hooks stay on the copy they extend) and is
-timed interleaved with the others; the table gives each one's median as a multiple of one plain forward+backward pass
-over the same samples.
+Same samples, models and batch size as fisher_speed.py (MNIST, batch 128, the MLP 784-400-400-10 and the app's CNN),
+plus transformer_routes.py's encoder classifier on random tokens. Every variant runs on its own copy of the model
+(BackPACK's and Opacus' hooks stay on the copy they extend) and is timed against the others, each round in a fresh
+shuffled order; the table gives each one's median as a multiple of one plain forward+backward pass over the same
+samples.
 
     exact      ours | BackPACK DiagGGNExact | nngeometry FIM (classif_logits) | ASDL fisher_exact
     sampled    ours | BackPACK DiagGGNMC(mc_samples=1) | nngeometry FIM_MonteCarlo(trials=1) | ASDL fisher_mc
@@ -15,7 +16,8 @@ over the same samples.
 --check (small N, no timing) compares values: exact and empirical in float64 against a float64 per-sample loop and
 against ours; sampled in float32 draw for draw (the peers draw from torch's global RNG, seeded here as ours seeds its
 generator, so their labels are ours); BackPACK's and Opacus' scale factors for mean-reduced losses. It exits non-zero
-on a mismatch. Run: python bench/peers.py [--check] [--quick] [--repeats R] [--models mlp,cnn] [--device cuda]
+on a mismatch (a peer's known error, such as ASDL's on the check-only small_maps net, is shown and not counted).
+Run: python bench/peers.py [--check] [--quick] [--repeats R] [--models mlp,cnn,encoder] [--device cuda]
 """
 
 from __future__ import annotations
@@ -24,15 +26,18 @@ import contextlib
 import copy
 import importlib.metadata
 import platform
+import random
+import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import MODELS, machine, mnist_batches, parser, timed_interleaved
+from _common import MODELS, machine, mnist_batches, parser
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -424,12 +429,23 @@ class Workload:
     check_only: bool = False  # a value check, not a figure
     known: dict[tuple[str, str], str] = field(default_factory=dict)  # (estimator, peer) -> a peer's known error
     notes: list[str] = field(default_factory=list)  # printed under its tables
+    float32_exact: bool = False  # --check also compares exact in float32 against the float64 loop (to 1e-4)
 
 
 def small_maps_cnn() -> nn.Module:
     """Convolutions whose outputs are 4×4 maps: ASDL's diagonal takes its other conv branch here (see KNOWN)."""
     return nn.Sequential(nn.Conv2d(8, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
                          nn.Flatten(), nn.Linear(64 * 16, CLASSES))
+
+
+def confident_mlp() -> nn.Module:
+    """The MLP with its head's weights and bias ×300: on the first 256 MNIST digits the mean top probability is 0.88, a
+    trained classifier's kind of confidence (at initialization it is 0.11)."""
+    model = MODELS["mlp"]()
+    with torch.no_grad():
+        model[-1].weight.mul_(300)
+        model[-1].bias.mul_(300)
+    return model
 
 
 def random_batches(n: int, batch_size: int, device: str) -> Batches:
@@ -469,6 +485,14 @@ ASDL_POSITIONS = (
     "(what --check prints as 'the rest ... off'); the head, on [N, d], is right"
 )
 WORKLOADS["encoder"] = Workload("encoder", encoder_classifier, token_batches, notes=[ASDL_POSITIONS])
+NNGEOMETRY_FLOAT32 = (
+    "nngeometry 0.4's FIM (metrics.py, variant classif_logits) computes q = 1 − p.cumsum(1) and takes the square root "
+    "of p_i q_i / q_(i−1): in float32 a cumulative sum that reaches 1 leaves q slightly negative (−1.2e-7 for 18 of "
+    "256 samples here), the root is NaN, and the sums carry it into nearly every entry. Ours sums the tail "
+    "probabilities instead of subtracting from 1. In float64 nngeometry is right"
+)
+WORKLOADS["confident_mlp"] = Workload("confident_mlp", confident_mlp, mnist_batches, check_only=True,
+                                      float32_exact=True, known={("exact float32", "nngeometry"): NNGEOMETRY_FLOAT32})
 WORKLOADS["small_maps"] = Workload("small_maps", small_maps_cnn, random_batches, check_only=True,
                                    known={(e, "ASDL"): ASDL_SMALL_MAPS for e in ESTIMATORS})
 
@@ -575,7 +599,7 @@ def header(args, n: int, repeats: int | None) -> None:
             versions.append(f"{dist} {importlib.metadata.version(dist)}")
         except importlib.metadata.PackageNotFoundError:
             versions.append(f"{dist} (not installed)")
-    mode = "check (values only, no timing)" if args.check else f"interleaved medians of {repeats}"
+    mode = "check (values only, no timing)" if args.check else f"medians of {repeats} rounds, variants in shuffled order"
     print(f"# peers: N={n}, batch {args.batch_size}, {mode}")
     print(f"# machine: {machine(args.device)}{f', {cpu}' if cpu else ''}; {platform.platform()}; "
           f"python {platform.python_version()}")
@@ -589,7 +613,7 @@ def table(model_name: str, cells: dict[tuple[str, str], str], columns: list[str]
     print(f"\n{model_name}: {title}\n")
     print("| estimator | " + " | ".join(columns) + " |")
     print("| --- |" + " --- |" * len(columns))
-    for estimator in ESTIMATORS:
+    for estimator in ESTIMATORS + tuple(sorted({e for e, _ in cells} - set(ESTIMATORS))):
         row = []
         for column in columns:
             cell = cells.get((estimator, column), "")
@@ -598,7 +622,7 @@ def table(model_name: str, cells: dict[tuple[str, str], str], columns: list[str]
                 mark = footnotes.setdefault(key, len(footnotes) + 1)
                 cell = f"{cell.cell} [{mark}]"
             row.append(cell)
-        label = f"exact (C = {CLASSES})" if estimator == "exact" else estimator
+        label = f"exact (C = {CLASSES})" if estimator == "exact" else estimator.replace(" ", ", ")
         print(f"| {label} | " + " | ".join(row) + " |")
     for text, mark in footnotes.items():
         print(f"\n[{mark}] {text}")
@@ -614,9 +638,9 @@ def table(model_name: str, cells: dict[tuple[str, str], str], columns: list[str]
 class Checks:
     failed: list[str] = field(default_factory=list)
 
-    def line(self, label: str, what: str, error: float, known: str | None = None) -> bool:
+    def line(self, label: str, what: str, error: float, known: str | None = None, tolerance: float = TOLERANCE) -> bool:
         """One comparison; a mismatch fails the check unless it is a peer's known error (printed as such)."""
-        ok = error <= TOLERANCE
+        ok = error <= tolerance  # False for NaN
         verdict = "ok" if ok else "MISMATCH" if known is None else "peer's known error (not counted)"
         print(f"{label:<46} {what:<44} max rel. error {error:9.2e}  {verdict}", flush=True)
         if not ok and known is None:
@@ -680,12 +704,31 @@ def check_model(workload: Workload, args, checks: Checks) -> None:
                 print(f"{'':<46} known error: {'none seen (fixed?)' if ok else f'worst on {worst}'}")
                 if not ok:
                     cells[estimator, peer.name] = NotAvailable("wrong", f"{error:.1e} off", known)
+    if workload.float32_exact:
+        check_float32_exact(workload, model, batches, references["exact"], active, checks, cells)
     check_scales(name, model64, batches64, mine64, checks)
     observe_nngeometry_default_dtype(name, model64, batches64, references["empirical"])
     table(name, cells, [p.name for p in active],
           f"max relative error against ours (exact, empirical: float64, ours summing in float32; sampled: float32, "
           f"the same draws) and, in brackets, against a float64 per-sample loop; N = {args.n}, batch {args.batch_size}",
           workload.notes + ([BATCHNORM_NOTE] if has_batchnorm(model) else []))
+
+
+def check_float32_exact(workload: Workload, model: nn.Module, batches: Batches, reference: Fisher, active: list[Peer],
+                        checks: Checks, cells: dict) -> None:
+    """Exact in float32 against the float64 loop, to 1e-4: where the factor of diag(p) − ppᵀ loses precision."""
+    estimator = "exact float32"
+    for peer in active:
+        runner = build(peer, model, batches, "exact")
+        result = runner if isinstance(runner, NotAvailable) else call(runner)
+        if isinstance(result, NotAvailable):
+            cells[estimator, peer.name] = result
+            continue
+        known = workload.known.get((estimator, peer.name))
+        error = relative_error(result, reference)
+        checks.line(f"{workload.name} {estimator} {peer.name}", "vs float64 loop", error, known, tolerance=1e-4)
+        cells[estimator, peer.name] = NotAvailable("wrong", f"{error:.1e}", known) if known and not error <= 1e-4 \
+            else f"loop {error:.0e}"
 
 
 BATCHNORM_NOTE = "BatchNorm layers were given random affine parameters and running statistics for this check."
@@ -731,6 +774,26 @@ def observe_nngeometry_default_dtype(name: str, model64: nn.Module, batches64: B
         print(f"{name} {estimator} nngeometry, float64 model, float32 default dtype (observation): {outcome}")
 
 
+def timed_shuffled(fns: dict[str, Callable[[], object]], repeats: int, device: str) -> dict[str, float]:
+    """Median wall time of each function over ``repeats`` rounds, each round running every function once in an order
+    shuffled anew (seeded): _common.timed_interleaved's fixed order would put the same variant before the plain pass
+    in every round, and some variants leave a lot behind (Opacus' per-sample gradients of the CNN's 3136→256 layer
+    are 0.4 GB a batch). The probe run before this serves as the warm-up."""
+    order, rng = list(fns), random.Random(SEED)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        rng.shuffle(order)
+        for name in order:
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fns[name]()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in samples.items()}
+
+
 def time_model(workload: Workload, args, repeats: int) -> None:
     name = workload.name
     torch.manual_seed(0)
@@ -750,7 +813,8 @@ def time_model(workload: Workload, args, repeats: int) -> None:
                 continue
             values[estimator, peer.name] = result
             fns[f"{estimator}/{peer.name}"] = runner
-    times = timed_interleaved(fns, repeats, args.device)
+    fns["plain"]()  # its warm-up (the others had their probe)
+    times = timed_shuffled(fns, repeats, args.device)
     base = times["plain"]
     print(f"{name}: plain forward+backward over N: {1e3 * base:.1f} ms")
     agreement = []
@@ -766,7 +830,7 @@ def time_model(workload: Workload, args, repeats: int) -> None:
             agreement.append(f"{estimator} {peer} {relative_error(values[estimator, peer], covered):.0e}")
     table(name, cells, [p.name for p in active],
           f"time / one plain forward+backward over the same samples ({1e3 * base:.1f} ms), N = {args.n}, batch "
-          f"{args.batch_size}, medians of {repeats} interleaved runs",
+          f"{args.batch_size}, medians of {repeats} rounds in shuffled order",
           [f"Values of this run against ours (float32; --check compares in float64): {', '.join(agreement)}."]
           + workload.notes)
 
