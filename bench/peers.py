@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -843,6 +844,10 @@ def main() -> None:
     p.add_argument("--n", type=int, default=None, help="samples (default 4096; --quick 512; --check 256)")
     p.add_argument("--batch-size", type=int, default=128)
     args = p.parse_args()
+    # The peers' module hooks, on every backward: BackPACK's and Opacus' full hooks where the input needs no gradient,
+    # ASDL's non-full hooks. Harmless here, and they would bury the lines that matter.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+    warnings.filterwarnings("ignore", message="Using a non-full backward hook when the forward contains multiple")
     args.n = args.n or (256 if args.check else 512 if args.quick else 4096)
     repeats = None if args.check else args.repeats or (3 if args.quick else 9)
     names = args.models.split(",") if args.models else [w.name for w in WORKLOADS.values()
