@@ -20,7 +20,7 @@ from lightning_ewc.app.runner import build_model, run
 from lightning_ewc.app.streams import digits
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-# Small runs of one method on the split 8x8 digits; a test's own overrides replace these key by key.
+# Small runs of one method on the split 8x8 digits; a test's own overrides come later and win.
 QUICK = ["stream=digits", "method=ewc", "train.steps_per_task=6", "train.batch_size=32", "logger=none",
          "trainer.enable_progress_bar=false"]
 
@@ -34,16 +34,8 @@ def compose_app(*overrides: str):
         return compose("config", overrides=list(overrides))
 
 
-def merged(*overrides: str) -> list[str]:
-    """Overrides with later ones replacing earlier ones of the same key (Hydra refuses a key given twice)."""
-    by_key = {}
-    for override in overrides:
-        by_key[override.split("=", 1)[0]] = override
-    return list(by_key.values())
-
-
 def run_app(tmp_path, *overrides: str) -> dict:
-    return run(compose_app(*merged(*QUICK, f"output_dir={tmp_path}", *overrides)))
+    return run(compose_app(*QUICK, f"output_dir={tmp_path}", *overrides))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -182,6 +174,30 @@ def test_scenarios_get_the_head_layout_they_promise(scenario, heads, outputs):
     assert logits.shape == (4, 6 if scenario == "class" else 2)  # class: only the 6 classes seen so far are active
     if scenario == "task":  # the batch's task id picks the head
         torch.testing.assert_close(logits, model.heads[2](model.backbone(x[:4])))
+
+
+def test_permuted_digits_shuffles_the_same_padded_digits_per_task():
+    from lightning_ewc.app.streams import permuted_digits
+
+    def sorted_images(images):
+        return sorted(map(tuple, images.flatten(1).tolist()))
+
+    stream = permuted_digits(num_tasks=3, pad=2, seed=0)
+    assert (stream.input_shape, stream.scenario, stream.num_classes) == ((1, 12, 12), "domain", 10)
+    plain = digits(scenario="class", num_tasks=5).tasks  # the same 75/25 split, dealt out in pairs, unpermuted
+    x0, y0, _ = stream.tasks[0].train.tensors
+    # task 0: the training digits, each in its own pixel order, inside a 2-pixel frame of zeros
+    assert sorted_images(x0[:, :, 2:10, 2:10]) == sorted_images(torch.cat([task.train.tensors[0] for task in plain]))
+    frame = x0.clone()
+    frame[:, :, 2:10, 2:10] = 0
+    assert not frame.any()
+    for k, task in enumerate(stream.tasks[1:], start=1):
+        x, y, t = task.train.tensors
+        assert torch.equal(y, y0) and set(t.tolist()) == {k}
+        # every image keeps its pixel values, in another order, and the order differs from task 0's
+        assert torch.equal(x.flatten(1).sort(1).values, x0.flatten(1).sort(1).values) and not torch.equal(x, x0)
+    with pytest.raises(ValueError, match="2 gives 12x12"):
+        permuted_digits(pad=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -121,21 +121,10 @@ def permuted_mnist(
     ``pad`` > 0 first surrounds each image with that many rows and columns of zeros, so that the permutations move
     the pixels over the larger image (``pad=2``: 32x32, as in van de Ven's code).
     """
-    _check_scenario(scenario)
-    _check_positive("num_tasks", num_tasks)
-    if not isinstance(pad, int) or pad < 0:
-        raise ValueError(f"pad must be a whole number of pixels >= 0 (2 gives 32x32 images); got {pad!r}")
-    side = 28 + 2 * pad
-    data = {train: _load_idx("MNIST", train, data_dir, download) for train in (True, False)}
-    tasks = [
-        _whole_dataset_task(
-            data, task,
-            functools.partial(pad_and_permute, pad=pad, permutation=pixel_permutation(task, seed, side * side)),
-            scenario, subsample, test_subsample, seed,
-        )
-        for task in range(num_tasks)
-    ]
-    return TaskStream("permuted_mnist", scenario, tasks, input_shape=(1, side, side), classes_per_task=10)
+    return _permuted_stream(
+        "permuted_mnist", lambda: {train: _load_idx("MNIST", train, data_dir, download) for train in (True, False)},
+        28, scenario, num_tasks, pad, subsample, test_subsample, seed,
+    )
 
 
 def rotated_mnist(
@@ -190,21 +179,9 @@ def permuted_digits(
     ``pad`` surrounds each image with that many rows and columns of zeros before permuting, as
     :func:`permuted_mnist` does (2 gives 12x12 images).
     """
-    _check_scenario(scenario)
-    _check_positive("num_tasks", num_tasks)
-    if not isinstance(pad, int) or pad < 0:
-        raise ValueError(f"pad must be a whole number of pixels >= 0 (2 gives 12x12 images); got {pad!r}")
-    side = 8 + 2 * pad
-    data = _digits_split(seed)
-    tasks = [
-        _whole_dataset_task(
-            data, task,
-            functools.partial(pad_and_permute, pad=pad, permutation=pixel_permutation(task, seed, side * side)),
-            scenario, subsample, test_subsample, seed,
-        )
-        for task in range(num_tasks)
-    ]
-    return TaskStream("permuted_digits", scenario, tasks, input_shape=(1, side, side), classes_per_task=10)
+    return _permuted_stream(
+        "permuted_digits", lambda: _digits_split(seed), 8, scenario, num_tasks, pad, subsample, test_subsample, seed
+    )
 
 
 # ------------------------------------------------------------------------------------------------------- transforms
@@ -326,6 +303,38 @@ def _split_tasks(
 
         tasks.append(Task(part(True), part(False), classes=[first - offset, first + 1 - offset]))
     return tasks
+
+
+def _permuted_stream(
+    name: str,
+    load: Callable[[], dict[bool, Images]],
+    side: int,
+    scenario: str,
+    num_tasks: int,
+    pad: int,
+    subsample: int | None,
+    test_subsample: int | None,
+    seed: int,
+) -> TaskStream:
+    """All ten classes in every task, task k > 0 under a seeded permutation of the pixels of the images padded by
+    ``pad``; ``load()`` gives the ``side`` x ``side`` images, called once the arguments are checked."""
+    _check_scenario(scenario)
+    _check_positive("num_tasks", num_tasks)
+    if not isinstance(pad, int) or pad < 0:
+        raise ValueError(
+            f"pad must be a whole number of pixels >= 0 (2 gives {side + 4}x{side + 4} images); got {pad!r}"
+        )
+    padded = side + 2 * pad
+    data = load()
+    tasks = [
+        _whole_dataset_task(
+            data, task,
+            functools.partial(pad_and_permute, pad=pad, permutation=pixel_permutation(task, seed, padded * padded)),
+            scenario, subsample, test_subsample, seed,
+        )
+        for task in range(num_tasks)
+    ]
+    return TaskStream(name, scenario, tasks, input_shape=(1, padded, padded), classes_per_task=10)
 
 
 def _whole_dataset_task(
