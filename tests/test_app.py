@@ -1,6 +1,7 @@
 """The app: Hydra configs, the per-task runner, results, loggers, resume, multirun and the console script."""
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -454,6 +455,25 @@ def test_console_says_one_line_per_task_unless_verbose(tmp_path, verbose):
     if not verbose:
         # what the run is, a line per task, the matrix (header and 3 rows), the metrics, where results and pictures are
         assert "Warning" not in everything and len(done.stdout.splitlines()) == 1 + 3 + (1 + 3) + 1 + 2
+
+
+def test_quiet_lightning_drops_the_listed_messages_and_nothing_else(caplog):
+    """The filters act on the loggers Lightning really uses; GPU-only messages are checked here, on any machine."""
+    from lightning_ewc.app.console import quiet_lightning
+
+    rank_zero, cuda = "lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"
+    messages = [
+        (rank_zero, "GPU available: True (cuda), used: True"), (cuda, "LOCAL_RANK: 0 - CUDA_VISIBLE_DEVICES: [0]"),
+        (rank_zero, "Restoring states from the checkpoint path at x.ckpt"), (cuda, "something new"),
+    ]
+    for quiet in (True, False):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="lightning.pytorch"), quiet_lightning(enabled=quiet):
+            for name, message in messages:
+                logging.getLogger(name).info(message)
+        expected = [m for _, m in messages[2:]] if quiet else [m for _, m in messages]
+        assert [record.getMessage() for record in caplog.records] == expected
+    assert not logging.getLogger(rank_zero).filters and not logging.getLogger(cuda).filters  # removed afterwards
 
 
 def test_multirun_writes_one_summary_table(tmp_path):

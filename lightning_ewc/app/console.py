@@ -24,15 +24,18 @@ __all__ = ["TaskProgressBar", "quiet_lightning", "say"]
 
 PREFIX = "[lightning-ewc]"
 
-# Lightning's rank_zero_info goes through this logger (and so do the library's own notes, which use it).
-_RANK_ZERO_LOGGER = "lightning.pytorch.utilities.rank_zero"
-_REPEATED_INFO = (
-    r"GPU available: ",  # hardware banners: the same for every Trainer of the run
-    r"TPU available: ",
-    r"💡 Tip: ",  # advertisements for other Lightning products
-    r"`Trainer\.fit` stopped: `max_(steps|epochs)=\d+` reached\.",  # every task stops there, by design
-    r"EWC: consolidated task \d+ ",  # the library's note per task; the app's task line says the same and more
-)
+# {logger: messages it repeats for every Trainer or fit of a run}
+_REPEATED_INFO = {
+    # Lightning's rank_zero_info (and the library's own notes, which use it)
+    "lightning.pytorch.utilities.rank_zero": (
+        r"GPU available: ",  # hardware banners: the same for every Trainer of the run
+        r"TPU available: ",
+        r"💡 Tip: ",  # advertisements for other Lightning products
+        r"`Trainer\.fit` stopped: `max_(steps|epochs)=\d+` reached\.",  # every task stops there, by design
+        r"EWC: consolidated task \d+ ",  # the library's note per task; the app's task line says the same and more
+    ),
+    "lightning.pytorch.accelerators.cuda": (r"LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES: ",),  # each fit and test on GPU
+}
 # (message, category, module) of warnings raised inside third-party code on every fit, whatever the user configures.
 _THIRD_PARTY_WARNINGS = (
     # torch deprecated LeafSpec and Lightning's own pytree helper still uses it; nothing to change on our side.
@@ -55,15 +58,17 @@ def quiet_lightning(enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
-    logger, drop = logging.getLogger(_RANK_ZERO_LOGGER), _DropMessages(_REPEATED_INFO)
-    logger.addFilter(drop)
+    filters = [(logging.getLogger(name), _DropMessages(patterns)) for name, patterns in _REPEATED_INFO.items()]
+    for logger, drop in filters:
+        logger.addFilter(drop)
     try:
         with warnings.catch_warnings():
             for message, category, module in _THIRD_PARTY_WARNINGS:
                 warnings.filterwarnings("ignore", message=message, category=category, module=module)
             yield
     finally:
-        logger.removeFilter(drop)
+        for logger, drop in filters:
+            logger.removeFilter(drop)
 
 
 @rank_zero_only
