@@ -390,6 +390,9 @@ def test_help_lists_the_config_groups(tmp_path):
     out = cli("--help", cwd=tmp_path).stdout
     for group in ("stream", "method", "model", "logger", "strategy", "experiment"):
         assert f"{group}:" in out
+    # what the command does without arguments, first
+    assert out.startswith("lightning-ewc: continual learning") and "With no arguments: five permuted-digit" in out
+    assert "method: ewc, ewc_vs_finetune, finetune" in out
     console = Path(sys.executable).with_name("lightning-ewc")
     assert subprocess.run([str(console), "--help"], capture_output=True, text=True).returncode == 0
 
