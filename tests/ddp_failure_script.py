@@ -62,6 +62,8 @@ def main(out_dir: str) -> None:
     model = TaskNet(hidden=8, num_tasks=1)
     trainer = make_trainer(strategy="ddp", devices=2, max_steps=2, callbacks=[ConsolidateAndRecord(out_dir)])
     trainer.fit(model, loader(split_mnist_task(0, train=True, limit=NUM_SAMPLES), batch_size=16))
+    # Left to interpreter exit, gloo's threads may abort the process after the broadcasts of the errors above.
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
