@@ -1,4 +1,4 @@
-"""Shared pieces of the bench scripts: models, real MNIST batches, timing, and the report line format."""
+"""Shared pieces of the bench scripts: models with their data, timing, and the report line format."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lightning_ewc.app.idx import load_idx_dataset
@@ -42,7 +44,12 @@ def cnn(classes: int = 10) -> nn.Module:
     return nn.Sequential(backbone, nn.Linear(backbone.out_features, classes))
 
 
-MODELS = {"mlp": mlp, "cnn": cnn}
+def vit(classes: int = 10) -> nn.Module:
+    """The app's ViT (``model=vit``: 4×4 patches of a 28×28 image as 49 tokens, pre-norm encoder) with a 10-way head."""
+    from lightning_ewc.app.models import ViT
+
+    backbone = ViT((1, 28, 28))
+    return nn.Sequential(backbone, nn.Linear(backbone.out_features, classes))
 
 
 def mnist_batches(n: int, batch_size: int, device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -50,6 +57,41 @@ def mnist_batches(n: int, batch_size: int, device: str) -> list[tuple[torch.Tens
     x = images[:n].float().div_(255).unsqueeze(1).to(device)
     y = labels[:n].to(device)
     return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, n, batch_size)]
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """A bench model and its data: ``build()`` returns the network, ``batches(n, batch_size, device)`` a list of
+    ``(inputs, labels)``. ``positions`` is the number of labelled positions per sample (1 for a classifier; a causal
+    LM's answer tokens), so ``exact`` takes ``positions × (classes − 1)`` backward passes."""
+
+    build: Callable[[], nn.Module]
+    batches: Callable[[int, int, str], list[tuple[torch.Tensor, torch.Tensor]]]
+    classes: int
+    positions: int = 1
+    default_n: int = 4096  # samples the figures are measured on
+
+
+MODELS: dict[str, BenchModel] = {
+    "mlp": BenchModel(mlp, mnist_batches, 10),
+    "cnn": BenchModel(cnn, mnist_batches, 10),
+    "vit": BenchModel(vit, mnist_batches, 10, default_n=1024),
+}
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Training's loss: cross-entropy over samples, or over the labelled positions of [N, T, C] logits."""
+    if logits.dim() == 3:
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    return F.cross_entropy(logits, labels)
+
+
+def plain_pass(model: nn.Module, batches) -> None:
+    """What training costs: forward, the loss, backward into .grad."""
+    for x, y in batches:
+        model.zero_grad(set_to_none=True)
+        task_loss(model(x), y).backward()
+    model.zero_grad(set_to_none=True)
 
 
 def timed(fn: Callable[[], object], repeats: int, device: str) -> float:
