@@ -58,6 +58,66 @@ class CNN(nn.Module):
         return self.dropout(self.fc(self.features(x)))
 
 
+class ViT(nn.Module):
+    """Vision transformer: non-overlapping ``patch_size`` x ``patch_size`` patches as tokens, a learned position
+    embedding, ``depth`` pre-norm encoder layers, a final LayerNorm, and the mean over the patches.
+
+    An image side the patch size does not divide is padded with zeros on the right and bottom (28x28 with
+    ``patch_size=5`` becomes 30x30): the streams' images already lie on a zero background, so this adds no new kind
+    of input. Mean pooling rather than a CLS token: the output then comes from every patch, and every parameter is
+    a module's (Conv2d, Embedding, attention, LayerNorm, Linear), so the EWC importance pass takes a closed-form route
+    for each instead of vmap for a bare CLS parameter.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        patch_size: int = 4,
+        dim: int = 64,
+        depth: int = 2,
+        heads: int = 4,
+        mlp_ratio: float = 2.0,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if len(input_shape) != 3:
+            raise ValueError(
+                f"ViT takes images [channels, height, width]; the stream gives inputs of shape {tuple(input_shape)}"
+            )
+        channels, height, width = (int(s) for s in input_shape)
+        if not isinstance(patch_size, int) or not 1 <= patch_size <= min(height, width):
+            divisors = [p for p in range(1, min(height, width) + 1) if height % p == 0 and width % p == 0]
+            raise ValueError(
+                f"model.backbone.patch_size must be a whole number from 1 to {min(height, width)} for "
+                f"{height}x{width} images (sizes that tile them without padding: {divisors}); got {patch_size!r}"
+            )
+        if dim % heads:
+            raise ValueError(
+                f"model.backbone.dim ({dim}) must be a multiple of model.backbone.heads ({heads}): each attention "
+                "head gets dim / heads features"
+            )
+        self.patch_size = patch_size
+        self.padding = (0, -width % patch_size, 0, -height % patch_size)  # F.pad order: left, right, top, bottom
+        self.num_patches = math.ceil(height / patch_size) * math.ceil(width / patch_size)
+        self.patches = nn.Conv2d(channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.positions = nn.Embedding(self.num_patches, dim)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, dim_feedforward=round(mlp_ratio * dim), dropout=dropout, activation="gelu",
+            batch_first=True, norm_first=True,
+        )
+        # Nested tensors only serve padding masks, which images do not have (and torch warns about them pre-norm).
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.out_features = dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        if any(self.padding):
+            x = nn.functional.pad(x, self.padding)
+        tokens = self.patches(x).flatten(2).transpose(1, 2)  # [N, patches, dim]
+        tokens = tokens + self.positions(torch.arange(tokens.shape[1], device=x.device))
+        return self.norm(self.encoder(tokens)).mean(1)
+
+
 def resolve_heads(scenario: str, heads: str) -> str:
     """``auto`` → one head per task for the task scenario, one shared head otherwise; refuses impossible layouts."""
     if heads not in HEAD_LAYOUTS:
