@@ -44,12 +44,13 @@ def run_app(tmp_path, *overrides: str) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 def test_every_group_has_the_options_the_docs_promise():
     assert options("stream") == [
-        "digits", "permuted_digits", "permuted_mnist", "rotated_mnist", "split_fashion_mnist", "split_mnist"
+        "digits", "permuted_digits", "permuted_mnist", "rotated_mnist", "sequence_tasks", "split_fashion_mnist",
+        "split_mnist",
     ]
     assert options("method") == [
         "ewc", "ewc_vs_finetune", "finetune", "freeze", "joint", "l2", "mas", "online_ewc", "si"
     ]
-    assert options("model") == ["cnn", "mlp"]
+    assert options("model") == ["causal_lm", "cnn", "mlp", "vit"]
     assert options("trainer") == ["cpu", "gpu"]
     assert options("strategy") == ["ddp", "ddp_cpu", "single"]
     assert options("logger") == ["csv", "many", "none", "tensorboard", "wandb"]
@@ -63,7 +64,10 @@ def test_every_group_option_composes_and_instantiates(group, tmp_path, monkeypat
     for option in options(group):
         cfg = compose_app(f"{group}={option}", f"output_dir={tmp_path}")
         assert cfg.method.name in ("finetune", "freeze", "l2", "ewc", "online_ewc", "si", "mas", "joint")
-        if group == "model":
+        if group == "model" and option == "causal_lm":  # token sequences [N, T] in, features per position out
+            backbone = instantiate(cfg.model.backbone, input_shape=(5,), vocab_size=9)
+            assert backbone(torch.zeros(2, 5, dtype=torch.long)).shape == (2, 5, backbone.out_features)
+        elif group == "model":
             backbone = instantiate(cfg.model.backbone, input_shape=(1, 8, 8))
             assert backbone(torch.zeros(2, 1, 8, 8)).shape == (2, backbone.out_features)
         if group == "method" and cfg.method.callback is not None:

@@ -20,7 +20,7 @@ from typing import Any
 import lightning.pytorch as L
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -31,6 +31,7 @@ from lightning_ewc.app.datamodule import TaskDataModule
 from lightning_ewc.app.methods import METHODS, CarryOptimizerState
 from lightning_ewc.app.metrics import format_matrices, format_matrix, summarize
 from lightning_ewc.app.models import ContinualClassifier, resolve_heads
+from lightning_ewc.app.sequences import SequenceStream
 from lightning_ewc.app.streams import SCENARIOS, TaskStream
 
 CHECKPOINTS = "checkpoints"
@@ -141,8 +142,21 @@ def build(conf, **kwargs):
 # Model and loggers
 # ----------------------------------------------------------------------------------------------------------------------
 def build_model(cfg: DictConfig, stream: TaskStream) -> ContinualClassifier:
-    backbone = build(cfg.model.backbone, input_shape=stream.input_shape)
-    return ContinualClassifier(
+    """The model config's module (``model.module``, default :class:`ContinualClassifier`) around its backbone;
+    refuses a model that reads images on a stream of token sequences, and the other way round."""
+    module = get_class(cfg.model.get("module") or f"{ContinualClassifier.__module__}.ContinualClassifier")
+    tokens, takes_tokens = isinstance(stream, SequenceStream), getattr(module, "takes_tokens", False)
+    if tokens != takes_tokens:
+        backbone_name = str(cfg.model.backbone.get("_target_", "?")).rsplit(".", 1)[-1]
+        raise ValueError(
+            f"stream {stream.name} gives token sequences, which model {backbone_name} cannot read: use model=causal_lm"
+            if tokens else
+            f"model {backbone_name} ({module.__name__}) reads token sequences, which stream {stream.name} does not "
+            "give (it gives images): use stream=sequence_tasks, or model=mlp, cnn or vit for images"
+        )
+    extra = {"vocab_size": stream.vocab_size} if tokens else {}
+    backbone = build(cfg.model.backbone, input_shape=stream.input_shape, **extra)
+    return module(
         backbone,
         scenario=stream.scenario,
         num_tasks=stream.num_tasks,
