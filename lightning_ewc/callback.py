@@ -347,6 +347,7 @@ class EWCCallback(Callback):
                 targets_fn=pl_module.ewc_targets,
                 generator=generator,
                 agree=agreeing(trainer) if sharded else None,
+                reduce_shards=sharded,
             )
 
         sums = on_every_rank(

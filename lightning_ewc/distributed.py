@@ -4,7 +4,8 @@ so that an error on one rank is raised on every rank with its cause, and the lay
 Sharded parameters (FSDP2's ``fully_shard``, as Lightning's ``ModelParallelStrategy`` applies it) are DTensors: each
 rank holds a shard of every parameter, and EWC's state for a parameter is kept for the local shard only, so a rank
 holds 2 × its shard's bytes. The importance pass computes full-size sums from each rank's data (the per-sample rules
-see whole layers while FSDP has them gathered) and reduce-scatters them, so each rank keeps only its shard of the sum.
+see whole layers while FSDP has them gathered) and reduce-scatters them module by module as they are completed
+(``per_sample/shards.py``), so each rank keeps only its shard of the sum and about one module's sums at full size.
 
 Kept apart from the callback's hooks because none of it depends on when it runs, only on the Trainer's strategy (or
 on no Trainer at all: one process, the whole dataset).
@@ -241,8 +242,11 @@ def raise_everywhere(strategy, rank: int, source: int, error: BaseException | No
 
 def _sum_over_ranks(sums: ImportanceSums, count: int, strategy, params: dict[str, Tensor]) -> ImportanceSums:
     """The sums over ranks in their own dtype (float32: not every accelerator has float64): the replicated ones in one
-    all-reduce, each sharded one in a reduce-scatter to this rank's shard."""
-    out = {n: reduce_to_shard(t, params[n]) for n, t in sums.sums.items() if isinstance(params.get(n), DTensor)}
+    all-reduce, each sharded one in a reduce-scatter to this rank's shard, unless the pass reduced it already
+    (``sums.reduced``)."""
+    out = {n: sums.sums[n] for n in sums.reduced}
+    out.update({n: reduce_to_shard(t, params[n]) for n, t in sums.sums.items()
+                if n not in out and isinstance(params.get(n), DTensor)})
     names = [n for n in sums.sums if n not in out]
     if names:
         flat = strategy.reduce(torch.cat([sums.sums[n].reshape(-1) for n in names]), reduce_op="sum")
@@ -251,4 +255,5 @@ def _sum_over_ranks(sums: ImportanceSums, count: int, strategy, params: dict[str
             t = sums.sums[n]
             out[n] = flat[offset : offset + t.numel()].view_as(t)
             offset += t.numel()
-    return ImportanceSums({n: out[n] for n in sums.sums}, count, sums.routes, sums.fused)
+    return ImportanceSums({n: out[n] for n in sums.sums}, count, sums.routes, sums.fused, sums.reduced,
+                          sums.peak_full_bytes)

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from lightning_ewc._lightning import move_data_to_device
 from lightning_ewc.per_sample import Batch, PerSampleAccumulator, batch_size_of, finite_or_raise, slice_batch
@@ -271,6 +272,10 @@ class ImportanceSums:
     routes: dict[str, str] = field(default_factory=dict)
     # (conv, BatchNorm) module names whose per-sample gradients came from the BatchNorm's output gradient alone
     fused: list[tuple[str, str]] = field(default_factory=list)
+    # sharded parameters whose sums are already this rank's shard of the sum over ranks (``reduce_shards``)
+    reduced: list[str] = field(default_factory=list)
+    # the most bytes of full-size sums of sharded parameters held at once during the pass (``reduce_shards``)
+    peak_full_bytes: int = 0
 
     def mean(self) -> dict[str, Tensor]:
         if self.count == 0:
@@ -324,12 +329,18 @@ def accumulate_importance(
     targets_fn: Callable[[Batch], Tensor] | None = None,
     generator: torch.Generator | None = None,
     agree: Callable[[BaseException | None], None] | None = None,
+    reduce_shards: bool = False,
 ) -> ImportanceSums:
     """Sums of squared per-sample gradients (``abs`` for MAS) over ``batches`` and the sample count.
 
     ``agree(error)`` is called once per batch, after its forward and before its backward passes, with what computing
     the vectors raised (or None): under sharding the ranks' passes run collectives in step, so one rank's error must
     stop the others there rather than leave them waiting (``distributed.agreeing``).
+
+    ``reduce_shards``: every rank of a sharded (FSDP2) model runs this pass in step, on its own samples, and the sums
+    of its sharded parameters come back as this rank's shard of the sum over all ranks (listed in ``reduced``),
+    reduced module by module during the pass (``per_sample/shards.py``). Without it they come back full-size, this
+    rank's samples only.
 
     The model runs in eval mode; its modes, BatchNorm buffers and ``.grad`` are left as they were. Batches must
     already be on the model's device.
@@ -349,6 +360,13 @@ def accumulate_importance(
             f"parameters {inference[:3]} were created under torch.inference_mode(), so autograd can never "
             "differentiate through them; build (or load) the model outside inference_mode"
         )
+    if estimator == "batched" and any(isinstance(p, DTensor) for p in params.values()):
+        # It needs each rank's own full-size mini-batch gradient, squared before any sum over ranks; with FSDP2 the
+        # sharded parameters' gradients come from its backward's reduce-scatter (a sum over ranks) instead.
+        raise NotImplementedError(
+            "fisher='batched' is not supported with sharded (FSDP2) parameters; use 'exact', 'sampled' or "
+            "'empirical' (per-sample, and the Fisher itself), or train with strategy='ddp'"
+        )
     if logits_fn is None:
         logits_fn = lambda batch: model(default_inputs(batch))  # noqa: E731
     targets_fn = default_targets if targets_fn is None else targets_fn
@@ -361,12 +379,14 @@ def accumulate_importance(
         if estimator == "batched":
             result = _batched_sums(params, batches, checked_logits, targets_fn)
         else:
-            acc = PerSampleAccumulator(model, params, checked_logits, "abs" if estimator == "mas" else "sq")
+            acc = PerSampleAccumulator(model, params, checked_logits, "abs" if estimator == "mas" else "sq",
+                                       reduce_shards=reduce_shards)
             for batch in batches:
                 acc.add_batch(batch, _agreed(agree, lambda z, b: output_vectors(
                     estimator, z, lambda: targets_fn(b), generator, every_position=acc.sharded
                 )))
-            result = ImportanceSums(acc.sums, acc.count, dict(acc.report.routes), sorted(acc.report.fused))
+            result = ImportanceSums(acc.sums, acc.count, dict(acc.report.routes), sorted(acc.report.fused),
+                                    acc.reduced, acc.peak_pending_bytes)
     finite_or_raise(result.sums, f"the {estimator!r} importance")
     return result
 

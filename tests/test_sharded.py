@@ -1,6 +1,8 @@
 """FSDP2 (Lightning's ModelParallelStrategy with fully_shard) on 2 CPU ranks: each rank keeps EWC's state for its shard
 only, and a stream of 3 tasks trains as under DDP with the same data order, for both ways of applying the penalty and
-both modes; the state a checkpoint holds is full-size and loads with another number of ranks.
+both modes; the state a checkpoint holds is full-size and loads with another number of ranks; a run resumed from the
+strategy's own checkpoint mid-task equals the uninterrupted one; every estimator's importance, reduced to the shards
+module by module during the pass, equals the single-process one on the same samples.
 
 The fits run in subprocesses (tests/sharded_script.py): Lightning's launcher re-executes ``sys.argv`` for rank 1.
 """
@@ -13,9 +15,10 @@ import pytest
 import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
 
-from helpers import TaskNet
+from helpers import TaskNet, loader, split_mnist_task
 from lightning_ewc import EWCCallback
-from lightning_ewc.distributed import check_strategy
+from lightning_ewc.distributed import check_strategy, shard
+from lightning_ewc.fisher import accumulate_importance
 from test_distributed import TESTS, run_ddp_script
 
 CONFIGS = ["loss-separate", "gradient-separate", "loss-online", "gradient-online"]
@@ -85,3 +88,66 @@ def test_strategies_that_shard_without_dtensors_are_refused(strategy):
     with pytest.raises(NotImplementedError, match=f"does not support {strategy.__name__}.*ModelParallelStrategy"):
         check_strategy(trainer, dict(TaskNet(hidden=4).named_parameters()))
     check_strategy(types.SimpleNamespace(strategy=object.__new__(DDPStrategy), world_size=1), {})  # accepted
+
+
+def test_a_stream_resumed_from_the_fsdp_checkpoint_equals_the_uninterrupted_run(runs):
+    """The 'loss-online' stream saved a checkpoint with the strategy's own saving (a distributed checkpoint directory)
+    when task 2 ended; a fresh model (another initialisation) and a fresh callback restored the weights and the EWC
+    state from it and trained task 3. Same weights, data and EWC state, a fresh optimizer in both: the two runs compute
+    the same numbers in the same order, so they agree to float32 rounding (1e-6 of each tensor's scale)."""
+    uninterrupted, resumed = runs["fsdp"][0]["loss-online"], runs["fsdp"][0]["resumed"]
+    assert resumed["checkpoint_is_a_directory"]  # the strategy's own sharded checkpoint, not one torch.save file
+    assert max_rel(resumed["weights"], uninterrupted["weights"]) <= 1e-6
+    assert max_rel(resumed["importance"], uninterrupted["importance"]) <= 1e-6
+    assert max_rel(resumed["centre"], uninterrupted["centre"]) <= 1e-6
+    assert resumed["constant"] == pytest.approx(uninterrupted["constant"], rel=1e-6)
+    assert resumed["state_dict"]["consolidated"]["num_tasks"] == 3
+
+
+FISHER_SEED, FISHER_BATCH = 3, 12
+
+
+def single_process_importance(weights: dict, estimator: str) -> dict:
+    """Each rank's share of the 45 samples, as the callback cuts them (23 and 22), through the per-sample engine in
+    this one process with that rank's generator for the sampled labels; summed over the ranks, over 45."""
+    model = TaskNet(hidden=16, num_tasks=1, classes=3)
+    model.load_state_dict(weights)
+    data = loader(split_mnist_task(0, train=True, limit=45), batch_size=FISHER_BATCH, shuffle=False)
+    total, count = None, 0
+    for rank in range(2):
+        batches = shard(data, rank, 2, None, FISHER_BATCH, FISHER_SEED + 1, same_batch_count=True)
+        generator = torch.Generator().manual_seed(FISHER_SEED * 1_000_003 + rank)  # EWCCallback's, for task 0
+        result = accumulate_importance(model, batches, estimator, generator=generator)
+        total = result.sums if total is None else {n: total[n] + result.sums[n] for n in total}
+        count += result.count
+    return {n: t / count for n, t in total.items()}
+
+
+@pytest.mark.parametrize("estimator", ["exact", "sampled", "empirical", "mas"])
+def test_the_sharded_importance_equals_the_single_process_one(runs, estimator):
+    """Reduced to the shards module by module during the pass, gathered back: the single-process importance on the
+    same samples (and draws) to 1e-5 of each tensor's scale, on both ranks."""
+    expected = single_process_importance(runs["fsdp"][0]["fisher"]["weights"], estimator)
+    assert all(float(t.abs().max()) > 0 for n, t in expected.items())
+    for saved in runs["fsdp"]:
+        got = saved["fisher"]["estimators"][estimator]
+        assert got["count"] == 45
+        assert max_rel(got["importance"], expected) <= 1e-5
+
+
+def test_the_sharded_pass_holds_one_module_at_full_size(runs):
+    """The most full-size sums a rank held at once during the pass is the largest module's (trunk.0: 784 x 16 + 16
+    float32), not the model's: each module's sums are reduced to the shards once complete, for the exact Fisher's two
+    passes per batch as for the one-pass estimators."""
+    largest = (784 * 16 + 16) * 4
+    model_bytes = sum(p.numel() * 4 for p in TaskNet(hidden=16, num_tasks=1, classes=3).parameters())
+    for saved in runs["fsdp"]:
+        for estimator in ("exact", "sampled", "empirical", "mas"):
+            peak = saved["fisher"]["estimators"][estimator]["peak_full_bytes"]
+            assert peak == largest < model_bytes, estimator
+
+
+def test_the_batched_fisher_is_refused_on_sharded_parameters(runs):
+    for saved in runs["fsdp"]:
+        assert "fisher='batched' is not supported with sharded (FSDP2) parameters" in saved["fisher"]["estimators"][
+            "batched_refused"]

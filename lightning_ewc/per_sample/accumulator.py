@@ -26,6 +26,7 @@ from lightning_ewc.per_sample.self_check import (
     place_samples,
     same_logits,
 )
+from lightning_ewc.per_sample.shards import reduce_to_shards, union_over_ranks
 from lightning_ewc.per_sample.sums import Reduction, reduce_per_sample
 from lightning_ewc.per_sample.taps import Tap
 
@@ -70,13 +71,24 @@ class PerSampleAccumulator:
         params: dict[str, nn.Parameter],
         logits_fn: Callable[[Batch], Tensor],
         reduction: Reduction = "sq",
+        reduce_shards: bool = False,
     ) -> None:
         if reduction not in ("sq", "abs"):
             raise ValueError(f"reduction must be 'sq' or 'abs', got {reduction!r}")
         self.model, self.params, self.logits_fn, self.reduction = model, params, logits_fn, reduction
-        # Full-size sums, also for a sharded (DTensor) parameter, whose global shape its rules see while FSDP2 has it
-        # gathered; the caller reduces them to shards.
-        self.sums = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in params.items()}
+        # Sharded (DTensor) parameters' rules see the global shape while FSDP2 has them gathered, so their sums are
+        # computed at full size. Without ``reduce_shards`` they are summed so over the pass, for the caller to reduce;
+        # with it (every rank running the pass in step), each module's full-size sums of a batch are reduced to this
+        # rank's shard as soon as they are complete (``shards.py``), and ``sums`` holds, for those parameters, this
+        # rank's shard of the sum over all ranks.
+        self._shards = {n: p for n, p in params.items() if isinstance(p, DTensor)} if reduce_shards else {}
+        self.sums = {
+            name: torch.zeros(p.to_local().shape if name in self._shards else p.shape, dtype=torch.float32,
+                              device=p.device)
+            for name, p in params.items()
+        }
+        self._pending: dict[str, Tensor] = {}  # full-size sums of sharded parameters, this batch, not yet reduced
+        self.pending_bytes = self.peak_pending_bytes = 0  # their bytes now and at most (bench/sharded_memory.py)
         self.sharded = any(isinstance(p, DTensor) for p in params.values())
         self.count = 0
         self.report = PerSampleReport()
@@ -269,6 +281,8 @@ class PerSampleAccumulator:
         finally:
             self._clear_calls()
             self._conv_chunks.clear()
+            self._pending.clear()  # empty unless this batch failed
+            self.pending_bytes = 0
         self.count += n
         return n
 
@@ -316,8 +330,6 @@ class PerSampleAccumulator:
 
     def _add_tapped(self, logits: Tensor, vectors: list[Tensor]) -> None:
         taps = [tap for tap in self._taps if tap.calls]
-        if not taps:
-            return
         tied = self._tied()
         self._tied_names = set(tied)
         tied_taps = {id(tap) for claiming in tied.values() for tap in claiming}
@@ -330,28 +342,43 @@ class PerSampleAccumulator:
         for conv, bn in pairs:
             for full in (*conv.names.values(), *bn.names.values()):
                 self.report.routes[full] = FUSED_ROUTE
+        # The taps in the order their sums are completed and, with ``reduce_shards``, reduced: the same on every rank
+        # (a tap no rank called is left out; one called on another rank only reduces zeros here).
+        schedule = self._schedule(taps, tied)
+        if not schedule:
+            return
         outputs = [call.output for tap in taps for call in tap.calls]
         # Linear layers called once on 2-D input: accumulate Σ_k g_k² (or |g_k|) over passes, one matmul at the end.
         rank_one: dict[int, Tensor] = {}
+        # With one vector (sampled, empirical, MAS) a module's sums are complete as soon as it is processed, so they
+        # are reduced right there; with several (exact) only after the last pass.
+        single = len(vectors) == 1
         for k, v in enumerate(vectors):
-            grads = torch.autograd.grad(
-                logits, outputs, grad_outputs=v, retain_graph=k + 1 < len(vectors), allow_unused=True
+            grads = (
+                torch.autograd.grad(logits, outputs, grad_outputs=v, retain_graph=k + 1 < len(vectors),
+                                    allow_unused=True)
+                if outputs else ()
             )
             it = iter(grads)
             calls_of: dict[int, list[tuple[Tensor, Tensor]]] = {}
-            for tap in taps:
-                gs = [next(it) for _ in tap.calls]
-                if id(tap) in conv_of:
-                    self._add_fused(conv_of[id(tap)], tap, gs[0], len(vectors))
-                    continue
-                calls = calls_of[id(tap)] = tap.inputs_and_grads(gs)
-                if isinstance(tap.rule, ConvRule) and len(calls) == 1:
-                    self._add_conv(tap, calls[0], len(vectors))
-                elif isinstance(tap.rule, LinearRule) and len(calls) == 1 and calls[0][0].dim() == 2:
-                    r = reduce_per_sample(calls[0][1], self.reduction)
-                    rank_one[id(tap)] = r if id(tap) not in rank_one else rank_one[id(tap)] + r
-                else:
-                    self._add_materialised(tap, calls)
+            for tap in schedule:
+                if tap.calls:  # called on this rank's batch
+                    gs = [next(it) for _ in tap.calls]
+                    if id(tap) in conv_of:
+                        self._add_fused(conv_of[id(tap)], tap, gs[0], len(vectors))
+                    else:
+                        calls = calls_of[id(tap)] = tap.inputs_and_grads(gs)
+                        if isinstance(tap.rule, ConvRule) and len(calls) == 1:
+                            self._add_conv(tap, calls[0], len(vectors))
+                        elif isinstance(tap.rule, LinearRule) and len(calls) == 1 and calls[0][0].dim() == 2:
+                            r = reduce_per_sample(calls[0][1], self.reduction)
+                            rank_one[id(tap)] = r if id(tap) not in rank_one else rank_one[id(tap)] + r
+                            if single:
+                                self._add_rank_one(tap, rank_one.pop(id(tap)), tied)
+                        else:
+                            self._add_materialised(tap, calls)
+                if single:
+                    self._completed(tap)
             for full, claiming in tied.items():
                 uses = [
                     Use(tap.rule, tap.module, local, calls_of[id(tap)])
@@ -361,18 +388,83 @@ class PerSampleAccumulator:
                     if f == full
                 ]
                 if uses:
-                    self.sums[full] += tied_sums(uses, self.params[full].shape, self.reduction).float()
-        for tap in taps:
+                    self._full(full).add_(tied_sums(uses, self.params[full].shape, self.reduction).float())
+        for tap in schedule:
             if id(tap) in rank_one:
-                g_r, a_r = rank_one[id(tap)], reduce_per_sample(tap.calls[0].input, self.reduction)
-                if "weight" in tap.names and tap.names["weight"] not in tied:  # Σ_n r(g_n)ᵀ r(a_n), in place
-                    weight = self._target(tap, "weight")
-                    if tap.rule.transposed:
-                        weight.addmm_(a_r.t().float(), g_r.float())
-                    else:
-                        weight.addmm_(g_r.t().float(), a_r.float())
-                if "bias" in tap.names and tap.names["bias"] not in tied:
-                    self._target(tap, "bias").add_(g_r.sum(0).float())
+                self._add_rank_one(tap, rank_one.pop(id(tap)), tied)
+            if not single:
+                self._completed(tap)
+        self._reduce_to_shards(sorted(tied))
+
+    def _add_rank_one(self, tap: Tap, g_r: Tensor, tied: dict[str, list[Tap]]) -> None:
+        a_r = reduce_per_sample(tap.calls[0].input, self.reduction)
+        if "weight" in tap.names and tap.names["weight"] not in tied:  # Σ_n r(g_n)ᵀ r(a_n), in place
+            weight = self._target(tap, "weight")
+            if tap.rule.transposed:
+                weight.addmm_(a_r.t().float(), g_r.float())
+            else:
+                weight.addmm_(g_r.t().float(), a_r.float())
+        if "bias" in tap.names and tap.names["bias"] not in tied:
+            self._target(tap, "bias").add_(g_r.sum(0).float())
+
+    # -- sharded parameters: full-size sums of one module at a time (``shards.py``) -------------------------------
+    @property
+    def reduced(self) -> list[str]:
+        """The parameters whose ``sums`` are this rank's shard of the sum over ranks (``reduce_shards``)."""
+        return sorted(self._shards)
+
+    def _schedule(self, taps: list[Tap], tied: dict[str, list[Tap]]) -> list[Tap]:
+        """``taps`` (this rank's), or, with ``reduce_shards``, the taps called on any rank, in the taps' order; counts
+        for each of their sharded parameters the taps that must add to it before its sums are complete."""
+        if not self._shards:
+            return taps
+        local_ids = {id(tap) for tap in taps}
+        anywhere = union_over_ranks([id(tap) in local_ids for tap in self._taps], next(iter(self._shards.values())))
+        schedule = [tap for tap, called in zip(self._taps, anywhere) if called]
+        self._claims: dict[str, int] = {}
+        for tap in schedule:
+            for full in dict.fromkeys(tap.names.values()):
+                if full in self._shards and full not in tied:
+                    self._claims[full] = self._claims.get(full, 0) + 1
+        return schedule
+
+    def _completed(self, tap: Tap) -> None:
+        """``tap`` has added all it adds this batch: its parameters no other tap still adds to are reduced now."""
+        if not self._shards:
+            return
+        complete = []
+        for full in dict.fromkeys(tap.names.values()):
+            if full in self._claims:
+                self._claims[full] -= 1
+                if self._claims[full] == 0:
+                    complete.append(full)
+        self._reduce_to_shards(complete)
+
+    def _full(self, name: str) -> Tensor:
+        """The full-size running sum of a parameter: its sum for the pass, or, for a parameter reduced to shards,
+        this batch's (allocated when first added to)."""
+        if name not in self._shards:
+            return self.sums[name]
+        total = self._pending.get(name)
+        if total is None:
+            total = self._pending[name] = torch.zeros(self.params[name].shape, dtype=torch.float32,
+                                                      device=self.sums[name].device)
+            self.pending_bytes += total.numel() * total.element_size()
+            self.peak_pending_bytes = max(self.peak_pending_bytes, self.pending_bytes)
+        return total
+
+    def _reduce_to_shards(self, names: Iterable[str]) -> None:
+        """Adds this rank's shard of the sum over ranks of these parameters' full-size sums (zeros where this rank
+        added nothing) to ``sums``, in one collective, and drops the full-size sums."""
+        names = [name for name in names if name in self._shards]
+        if not names:
+            return
+        fulls = [self._full(name) for name in names]
+        for name in names:
+            del self._pending[name]
+        for name, shard in zip(names, reduce_to_shards(fulls, [self._shards[name] for name in names])):
+            self.sums[name] += shard
+        self.pending_bytes -= sum(t.numel() * t.element_size() for t in fulls)
 
     def _add_conv(self, conv: Tap, call: tuple[Tensor, Tensor], passes: int) -> None:
         module, (a, g) = conv.module, call
@@ -398,7 +490,7 @@ class PerSampleAccumulator:
 
     def _target(self, tap: Tap, local: str) -> Tensor:
         """Where ``tap``'s sums for ``local`` go: the parameter's running sum, or its rows for a part."""
-        total = self.sums[tap.names[local]]
+        total = self._full(tap.names[local])
         return total[tap.rows[local]] if local in tap.rows else total
 
     def _accumulate(self, tap: Tap, local_sums: dict[str, Tensor]) -> None:
