@@ -52,6 +52,45 @@ def vit(classes: int = 10) -> nn.Module:
     return nn.Sequential(backbone, nn.Linear(backbone.out_features, classes))
 
 
+class PerPositionHead(nn.Module):
+    """A trunk returning [N, T, D] features and one Linear head applied at every position: [N, T, C] logits."""
+
+    def __init__(self, trunk: nn.Module, classes: int) -> None:
+        super().__init__()
+        self.trunk, self.head = trunk, nn.Linear(trunk.out_features, classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(tokens))
+
+
+# The app's sequence stream as configured by default (conf/stream/sequence_tasks.yaml): prompts of 6 symbols out of 8.
+SEQUENCE_LENGTH, SEQUENCE_VOCAB = 6, 8
+
+
+def causal_lm() -> nn.Module:
+    """The app's causal LM (``model=causal_lm``: token and position embeddings, 2 pre-norm encoder layers under a
+    causal mask, d 64) with one head over the 8 symbols at every position."""
+    from lightning_ewc.app.sequences import CausalTransformer
+
+    stream = _sequence_stream(1)
+    trunk = CausalTransformer(stream.input_shape, vocab_size=stream.vocab_size)
+    return PerPositionHead(trunk, SEQUENCE_VOCAB)
+
+
+def _sequence_stream(n: int):
+    from lightning_ewc.app.sequences import sequence_tasks
+
+    return sequence_tasks(length=SEQUENCE_LENGTH, vocab=SEQUENCE_VOCAB, train_samples=n, test_samples=1, seed=0)
+
+
+def sequence_batches(n: int, batch_size: int, device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first task of the app's sequence stream (copy): tokens [N, 2·6 + 1] and labels with -100 outside the
+    answer, so a sample's log-likelihood sums its 6 answer tokens."""
+    x, y, _ = _sequence_stream(n).tasks[0].train.tensors
+    x, y = x.to(device), y.to(device)
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, n, batch_size)]
+
+
 def mnist_batches(n: int, batch_size: int, device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     images, labels = load_idx_dataset("MNIST", train=True)
     x = images[:n].float().div_(255).unsqueeze(1).to(device)
@@ -76,6 +115,7 @@ MODELS: dict[str, BenchModel] = {
     "mlp": BenchModel(mlp, mnist_batches, 10),
     "cnn": BenchModel(cnn, mnist_batches, 10),
     "vit": BenchModel(vit, mnist_batches, 10, default_n=1024),
+    "causal_lm": BenchModel(causal_lm, sequence_batches, SEQUENCE_VOCAB, positions=SEQUENCE_LENGTH, default_n=1024),
 }
 
 

@@ -137,7 +137,23 @@ def library(model, batches, estimator, seed=0):
     return estimate_fisher(model, batches, estimator, seed=seed)
 
 
-MODELS = {"tagger": (Tagger, tagged_batches), "causal_lm": (TinyCausalLM, lm_batches)}
+class AppCausalLM(nn.Module):
+    """The app's causal LM trunk (model=causal_lm: embeddings, pre-norm encoder layers under a causal mask, LayerNorm)
+    with one head at every position."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        from lightning_ewc.app.sequences import CausalTransformer
+
+        self.trunk = CausalTransformer((T,), vocab_size=VOCAB, dim=dim, depth=2, heads=2)
+        self.head = nn.Linear(dim, VOCAB)
+
+    def forward(self, tokens):
+        return self.head(self.trunk(tokens))
+
+
+MODELS = {"tagger": (Tagger, tagged_batches), "causal_lm": (TinyCausalLM, lm_batches),
+          "app_causal_lm": (AppCausalLM, lm_batches)}
 
 
 @pytest.mark.parametrize("estimator", ["exact", "sampled", "empirical", "mas"])
@@ -153,6 +169,10 @@ def test_per_position_estimators_match_the_brute_force_loop(model_name, estimato
     assert all(p.grad is None for p in model.parameters())
     if estimator == "exact":  # the padding row of the tagger's embedding gets nothing
         assert model_name != "tagger" or float(got["embed.weight"][0].abs().max()) == 0.0
+    if model_name == "app_causal_lm":  # every parameter on a closed-form route, the attention included
+        routes = accumulate_importance(model, batches[:1], estimator).routes
+        assert not set(routes.values()) & {"vmap", "loop"}, routes
+        assert routes["trunk.encoder.layers.1.self_attn.in_proj_weight"] == "attention"
 
 
 def test_the_mask_changes_the_estimate():

@@ -299,6 +299,31 @@ def test_transformer_encoder_fast_path_with_nested_tensors(frozen):
     assert len(routes) == (2 if frozen else 2 + 1 + 2 * 12)
 
 
+class AppViT(nn.Module):
+    """The app's ViT (model=vit) with a Linear head: 4x4 patches of a 10x10 image, padded to 12x12 (9 patches)."""
+
+    def __init__(self):
+        super().__init__()
+        from lightning_ewc.app.models import ViT
+
+        self.backbone = ViT((1, 10, 10), patch_size=4, dim=8, depth=2, heads=2)
+        self.head = nn.Linear(8, CLASSES)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_the_apps_vit_matches_brute_force_on_closed_form_routes(estimator):
+    model = randomize(AppViT(), seed=11, std=0.3)
+    gen = torch.Generator().manual_seed(12)
+    images = torch.rand(7, 1, 10, 10, generator=gen, dtype=torch.float64)
+    routes = check(model, split(images, torch.randint(0, CLASSES, (7,), generator=gen), sizes=[4, 3]), estimator)
+    assert routes["backbone.patches.weight"] == "conv" and routes["backbone.positions.weight"] == "embedding"
+    assert routes["backbone.encoder.layers.0.self_attn.in_proj_weight"] == "attention"
+    assert routes["backbone.encoder.layers.1.norm1.weight"] == "layernorm"
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 3. Llama-style blocks: Linear projections on [N, T, D], rotary positions, RMSNorm, SwiGLU
 # ----------------------------------------------------------------------------------------------------------------------
