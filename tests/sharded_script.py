@@ -27,8 +27,9 @@ from torch import nn  # noqa: E402
 from torch.distributed.fsdp import FSDPModule, fully_shard  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
-from lightning_ewc import EWCCallback  # noqa: E402
-from lightning_ewc.app.sharding import RestoreTaskEnd  # noqa: E402
+from lightning_ewc import EWCCallback, EWCMixin  # noqa: E402
+from lightning_ewc.app.models import ViT  # noqa: E402
+from lightning_ewc.app.sharding import RestoreTaskEnd, shard_blocks  # noqa: E402
 
 CONFIGS = [("loss", "separate"), ("gradient", "separate"), ("loss", "online"), ("gradient", "online")]
 TASKS, STEPS = 3, 3
@@ -151,10 +152,33 @@ class FisherOnTrainEnd(L.Callback):
             self.results["batched_refused"] = str(err)
 
 
-def fisher_run(strategy_name: str) -> dict:
+class ShardedViTNet(EWCMixin, L.LightningModule):
+    """The app's ViT backbone (a patch Conv2d, a position Embedding, an encoder layer with MultiheadAttention,
+    LayerNorms and Linears on sequences) and a 3-way head, sharded block by block as the app shards its models."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = ViT((1, 28, 28), patch_size=7, dim=16, depth=1, heads=2, mlp_ratio=2.0)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.backbone(x.view(-1, 1, 28, 28)))
+
+    def configure_model(self):
+        shard_blocks(self, self.backbone)
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def fisher_run(strategy_name: str, model_name: str) -> dict:
     """Three steps of task 0, then the importance of every estimator on 45 samples (uneven: 23 and 22 per rank)."""
     L.seed_everything(0, verbose=False)
-    model = ShardedTaskNet(hidden=16, num_tasks=1, classes=3, lr=1e-2)  # 3 classes: exact makes 2 passes a batch
+    # 3 classes: exact makes 2 passes a batch
+    model = ShardedTaskNet(hidden=16, num_tasks=1, classes=3, lr=1e-2) if model_name == "mlp" else ShardedViTNet()
     fisher = FisherOnTrainEnd(loader(split_mnist_task(0, train=True, limit=45), batch_size=12, shuffle=False))
     trainer = task_trainer(strategy_name, [fisher])
     trainer.fit(model, task_data(0))
@@ -171,7 +195,8 @@ def main(out_dir: str, strategy_name: str) -> None:
     if strategy_name == "fsdp":
         results["resumed"] = resumed(strategy_name, *RESUMED, checkpoint)
         results["resumed"]["checkpoint_is_a_directory"] = os.path.isdir(checkpoint)
-        results["fisher"] = fisher_run(strategy_name)
+        results["fisher"] = fisher_run(strategy_name, "mlp")
+        results["fisher_vit"] = fisher_run(strategy_name, "vit")
     os.makedirs(out_dir, exist_ok=True)
     rank = next(iter(results.values()))["rank"]
     torch.save(results, os.path.join(out_dir, f"{strategy_name}_rank{rank}.pt"))

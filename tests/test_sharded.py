@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
 
 from helpers import TaskNet, loader, split_mnist_task
+from sharded_script import ShardedViTNet
 from lightning_ewc import EWCCallback
 from lightning_ewc.distributed import check_strategy, shard
 from lightning_ewc.fisher import accumulate_importance
@@ -105,13 +106,20 @@ def test_a_stream_resumed_from_the_fsdp_checkpoint_equals_the_uninterrupted_run(
 
 
 FISHER_SEED, FISHER_BATCH = 3, 12
+FISHER_RUNS = {"mlp": "fisher", "vit": "fisher_vit"}
 
 
-def single_process_importance(weights: dict, estimator: str) -> dict:
+def fisher_model(name: str, weights: dict | None = None) -> torch.nn.Module:
+    model = TaskNet(hidden=16, num_tasks=1, classes=3) if name == "mlp" else ShardedViTNet()  # unsharded here
+    if weights is not None:
+        model.load_state_dict(weights)
+    return model
+
+
+def single_process_importance(name: str, weights: dict, estimator: str) -> dict:
     """Each rank's share of the 45 samples, as the callback cuts them (23 and 22), through the per-sample engine in
     this one process with that rank's generator for the sampled labels; summed over the ranks, over 45."""
-    model = TaskNet(hidden=16, num_tasks=1, classes=3)
-    model.load_state_dict(weights)
+    model = fisher_model(name, weights)
     data = loader(split_mnist_task(0, train=True, limit=45), batch_size=FISHER_BATCH, shuffle=False)
     total, count = None, 0
     for rank in range(2):
@@ -124,30 +132,38 @@ def single_process_importance(weights: dict, estimator: str) -> dict:
 
 
 @pytest.mark.parametrize("estimator", ["exact", "sampled", "empirical", "mas"])
-def test_the_sharded_importance_equals_the_single_process_one(runs, estimator):
+@pytest.mark.parametrize("model", ["mlp", "vit"])
+def test_the_sharded_importance_equals_the_single_process_one(runs, model, estimator):
     """Reduced to the shards module by module during the pass, gathered back: the single-process importance on the
-    same samples (and draws) to 1e-5 of each tensor's scale, on both ranks."""
-    expected = single_process_importance(runs["fsdp"][0]["fisher"]["weights"], estimator)
+    same samples (and draws) to 1e-5 of each tensor's scale, on both ranks. The MLP's layers are Linears on 2-D
+    inputs; the ViT's are a conv, an embedding, attention, LayerNorms and Linears on sequences, each its own FSDP2
+    unit as the app shards them."""
+    run = FISHER_RUNS[model]
+    expected = single_process_importance(model, runs["fsdp"][0][run]["weights"], estimator)
     assert all(float(t.abs().max()) > 0 for n, t in expected.items())
     for saved in runs["fsdp"]:
-        got = saved["fisher"]["estimators"][estimator]
+        got = saved[run]["estimators"][estimator]
         assert got["count"] == 45
         assert max_rel(got["importance"], expected) <= 1e-5
 
 
-def test_the_sharded_pass_holds_one_module_at_full_size(runs):
-    """The most full-size sums a rank held at once during the pass is the largest module's (trunk.0: 784 x 16 + 16
-    float32), not the model's: each module's sums are reduced to the shards once complete, for the exact Fisher's two
-    passes per batch as for the one-pass estimators."""
-    largest = (784 * 16 + 16) * 4
-    model_bytes = sum(p.numel() * 4 for p in TaskNet(hidden=16, num_tasks=1, classes=3).parameters())
+@pytest.mark.parametrize("model", ["mlp", "vit"])
+def test_the_sharded_pass_holds_one_module_at_full_size(runs, model):
+    """The most full-size sums a rank held at once during the pass is one module's (the one with the most parameters
+    of its own: the MLP's first Linear, 784 x 16 + 16 floats; the ViT's attention, whose q, k and v rows share one
+    weight), not the model's: each module's sums are reduced to the shards once complete, pass by pass for the
+    exact Fisher's two passes a batch, once a batch for the one-pass estimators."""
+    net = fisher_model(model)
+    largest = max(sum(p.numel() * 4 for p in m.parameters(recurse=False)) for m in net.modules())
+    model_bytes = sum(p.numel() * 4 for p in net.parameters())
     for saved in runs["fsdp"]:
         for estimator in ("exact", "sampled", "empirical", "mas"):
-            peak = saved["fisher"]["estimators"][estimator]["peak_full_bytes"]
-            assert peak == largest < model_bytes, estimator
+            peak = saved[FISHER_RUNS[model]]["estimators"][estimator]["peak_full_bytes"]
+            assert peak == largest < model_bytes, estimator  # a second module's sums alive would exceed it
 
 
 def test_the_batched_fisher_is_refused_on_sharded_parameters(runs):
     for saved in runs["fsdp"]:
-        assert "fisher='batched' is not supported with sharded (FSDP2) parameters" in saved["fisher"]["estimators"][
-            "batched_refused"]
+        for run in FISHER_RUNS.values():
+            refused = saved[run]["estimators"]["batched_refused"]
+            assert "fisher='batched' is not supported with sharded (FSDP2) parameters" in refused

@@ -26,7 +26,7 @@ from lightning_ewc.per_sample.self_check import (
     place_samples,
     same_logits,
 )
-from lightning_ewc.per_sample.shards import reduce_to_shards, union_over_ranks
+from lightning_ewc.per_sample.shards import max_over_ranks, reduce_to_shards
 from lightning_ewc.per_sample.sums import Reduction, reduce_per_sample
 from lightning_ewc.per_sample.taps import Tap
 
@@ -344,15 +344,13 @@ class PerSampleAccumulator:
                 self.report.routes[full] = FUSED_ROUTE
         # The taps in the order their sums are completed and, with ``reduce_shards``, reduced: the same on every rank
         # (a tap no rank called is left out; one called on another rank only reduces zeros here).
-        schedule = self._schedule(taps, tied)
+        schedule = self._schedule(taps, tied, len(vectors))
         if not schedule:
             return
         outputs = [call.output for tap in taps for call in tap.calls]
-        # Linear layers called once on 2-D input: accumulate Σ_k g_k² (or |g_k|) over passes, one matmul at the end.
+        # Linear layers called once on 2-D input: accumulate Σ_k g_k² (or |g_k|) over passes, one matmul at the end
+        # (``_deferred``; the others add to their sums pass by pass).
         rank_one: dict[int, Tensor] = {}
-        # With one vector (sampled, empirical, MAS) a module's sums are complete as soon as it is processed, so they
-        # are reduced right there; with several (exact) only after the last pass.
-        single = len(vectors) == 1
         for k, v in enumerate(vectors):
             grads = (
                 torch.autograd.grad(logits, outputs, grad_outputs=v, retain_graph=k + 1 < len(vectors),
@@ -361,6 +359,7 @@ class PerSampleAccumulator:
             )
             it = iter(grads)
             calls_of: dict[int, list[tuple[Tensor, Tensor]]] = {}
+            claims = dict(self._claims)
             for tap in schedule:
                 if tap.calls:  # called on this rank's batch
                     gs = [next(it) for _ in tap.calls]
@@ -370,15 +369,16 @@ class PerSampleAccumulator:
                         calls = calls_of[id(tap)] = tap.inputs_and_grads(gs)
                         if isinstance(tap.rule, ConvRule) and len(calls) == 1:
                             self._add_conv(tap, calls[0], len(vectors))
-                        elif isinstance(tap.rule, LinearRule) and len(calls) == 1 and calls[0][0].dim() == 2:
+                        elif _rank_one(tap):
                             r = reduce_per_sample(calls[0][1], self.reduction)
-                            rank_one[id(tap)] = r if id(tap) not in rank_one else rank_one[id(tap)] + r
-                            if single:
-                                self._add_rank_one(tap, rank_one.pop(id(tap)), tied)
+                            if id(tap) in self._deferred:
+                                rank_one[id(tap)] = r if id(tap) not in rank_one else rank_one[id(tap)] + r
+                            else:
+                                self._add_rank_one(tap, r, tied)
                         else:
                             self._add_materialised(tap, calls)
-                if single:
-                    self._completed(tap)
+                if id(tap) not in self._deferred:
+                    self._completed(tap, claims)
             for full, claiming in tied.items():
                 uses = [
                     Use(tap.rule, tap.module, local, calls_of[id(tap)])
@@ -389,12 +389,13 @@ class PerSampleAccumulator:
                 ]
                 if uses:
                     self._full(full).add_(tied_sums(uses, self.params[full].shape, self.reduction).float())
+            self._reduce_to_shards(sorted(tied))
+        claims = dict(self._claims)
         for tap in schedule:
             if id(tap) in rank_one:
                 self._add_rank_one(tap, rank_one.pop(id(tap)), tied)
-            if not single:
-                self._completed(tap)
-        self._reduce_to_shards(sorted(tied))
+            if id(tap) in self._deferred:
+                self._completed(tap, claims)
 
     def _add_rank_one(self, tap: Tap, g_r: Tensor, tied: dict[str, list[Tap]]) -> None:
         a_r = reduce_per_sample(tap.calls[0].input, self.reduction)
@@ -413,30 +414,53 @@ class PerSampleAccumulator:
         """The parameters whose ``sums`` are this rank's shard of the sum over ranks (``reduce_shards``)."""
         return sorted(self._shards)
 
-    def _schedule(self, taps: list[Tap], tied: dict[str, list[Tap]]) -> list[Tap]:
-        """``taps`` (this rank's), or, with ``reduce_shards``, the taps called on any rank, in the taps' order; counts
-        for each of their sharded parameters the taps that must add to it before its sums are complete."""
+    def _schedule(self, taps: list[Tap], tied: dict[str, list[Tap]], passes: int) -> list[Tap]:
+        """``taps`` (this rank's), or, with ``reduce_shards``, the taps called on any rank, in the taps' order. Sets
+        ``_deferred``, the taps whose sums are added once after the batch's passes (rank-one Linear calls), and
+        ``_claims``, for each sharded parameter, how many taps add to it before its sums are complete.
+
+        With ``reduce_shards`` the other taps' sums are reduced pass by pass: the exact Fisher makes C − 1 passes a
+        batch, and keeping their full-size sums over the passes would hold them for every such module at once (all of
+        a transformer's, whose Linears see sequences). That costs C − 1 collectives a batch for those modules instead
+        of one: memory is what sharding is for."""
         if not self._shards:
+            self._deferred = {id(tap) for tap in taps if _rank_one(tap)}
+            self._claims = {}
             return taps
-        local_ids = {id(tap) for tap in taps}
-        anywhere = union_over_ranks([id(tap) in local_ids for tap in self._taps], next(iter(self._shards.values())))
-        schedule = [tap for tap, called in zip(self._taps, anywhere) if called]
-        self._claims: dict[str, int] = {}
+        like = next(iter(self._shards.values()))
+        # 0: not called here, 1: a rank-one Linear call, 2: any other; the largest over the ranks
+        kinds = max_over_ranks([0 if not tap.calls else 1 if _rank_one(tap) else 2 for tap in self._taps], like)
+        schedule = [tap for tap, kind in zip(self._taps, kinds) if kind]
+        deferred = {id(tap) for tap, kind in zip(self._taps, kinds) if kind == 1} if passes > 1 else set()
+        claiming: dict[str, list[Tap]] = {}
         for tap in schedule:
             for full in dict.fromkeys(tap.names.values()):
                 if full in self._shards and full not in tied:
-                    self._claims[full] = self._claims.get(full, 0) + 1
+                    claiming.setdefault(full, []).append(tap)
+        # the taps adding to one parameter are reduced together, so all when its sums are complete: pass by pass
+        # if any of them is
+        changed = True
+        while changed:
+            changed = False
+            for taps_of in claiming.values():
+                ids = {id(tap) for tap in taps_of}
+                if ids & deferred and not ids <= deferred:
+                    deferred -= ids
+                    changed = True
+        self._deferred = deferred
+        self._claims = {full: len(taps_of) for full, taps_of in claiming.items()}
         return schedule
 
-    def _completed(self, tap: Tap) -> None:
-        """``tap`` has added all it adds this batch: its parameters no other tap still adds to are reduced now."""
+    def _completed(self, tap: Tap, claims: dict[str, int]) -> None:
+        """``tap`` has added all it adds for now: its parameters no other tap still adds to (``claims``, counted
+        down) are reduced."""
         if not self._shards:
             return
         complete = []
         for full in dict.fromkeys(tap.names.values()):
-            if full in self._claims:
-                self._claims[full] -= 1
-                if self._claims[full] == 0:
+            if full in claims:
+                claims[full] -= 1
+                if claims[full] == 0:
                     complete.append(full)
         self._reduce_to_shards(complete)
 
@@ -497,3 +521,8 @@ class PerSampleAccumulator:
         for local, full in tap.names.items():
             if local in local_sums and full not in self._tied_names:  # those are added up across modules
                 self._target(tap, local).add_(local_sums[local].to(torch.float32))
+
+
+def _rank_one(tap: Tap) -> bool:
+    """A Linear called once on 2-D input: its per-sample gradients are rank one (``_add_rank_one``)."""
+    return isinstance(tap.rule, LinearRule) and len(tap.calls) == 1 and tap.calls[0].input.dim() == 2

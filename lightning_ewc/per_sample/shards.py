@@ -4,11 +4,12 @@ are complete (``PerSampleAccumulator(reduce_shards=True)``).
 Each rank computes a module's per-sample sums at full size from its own samples (the rules need the whole layer's
 input and output gradient, which exist only at full size); the sum over ranks of those is what a rank needs, and only
 its shard of it. Summing every parameter at full size over the whole pass and reducing once at the end would hold one
-float32 copy of the whole model per rank for the pass; reducing each module's sums per batch bounds that to the
-largest module (and the copy the collective sends), at one reduce-scatter per module per batch instead of one per
-parameter at the end. One per module, not per parameter: a Linear's weight and bias travel in one collective, which
-halves the count for the common layers, and per module (not one per batch for all) is what keeps the full-size part
-one module large.
+float32 copy of the whole model per rank for the pass; reducing each module's sums as soon as they are complete bounds
+that to the largest module (and the copy the collective sends), at one reduce-scatter per module per batch (per pass
+of the exact Fisher for modules other than a Linear on 2-D inputs: ``PerSampleAccumulator._schedule``) instead of one
+per parameter at the end. One per module, not per parameter: a Linear's weight and bias travel in one collective,
+which halves the count for the common layers, and per module (not one per batch for all) is what keeps the full-size
+part one module large.
 """
 
 from __future__ import annotations
@@ -70,11 +71,12 @@ def _via_dtensor(full: Tensor, like: DTensor) -> Tensor:
     return partial.redistribute(mesh, like.placements).to_local()
 
 
-def union_over_ranks(flags: list[bool], like: DTensor) -> list[bool]:
-    """Each flag set on any rank of ``like``'s mesh (one small all-reduce). The pass's reductions must follow the same
-    schedule on every rank: a module called on one rank's batch and not on another's still has its sums reduced."""
-    if like.device_mesh.size() == 1 or not flags:
-        return flags
-    t = torch.tensor(flags, dtype=torch.int32, device=like.to_local().device)
+def max_over_ranks(values: list[int], like: DTensor) -> list[int]:
+    """Each value's largest over the ranks of ``like``'s mesh (one small all-reduce). The pass's reductions must follow
+    the same schedule on every rank: a module called on one rank's batch and not on another's still has its sums
+    reduced, and at the same point."""
+    if like.device_mesh.size() == 1 or not values:
+        return values
+    t = torch.tensor(values, dtype=torch.int32, device=like.to_local().device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=like.device_mesh.get_group())
-    return [bool(x) for x in t.tolist()]
+    return [int(x) for x in t.tolist()]

@@ -13,11 +13,22 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 
 from lightning_ewc.per_sample import limits
 from lightning_ewc.per_sample.sums import Reduction, reduce_per_sample
 
 InputAndGrad = tuple[Tensor, Tensor]  # one call of a module: its input and the gradient at its output
+
+
+def module_type(module: nn.Module) -> type:
+    """The module's class, for rules that accept a class but not its subclasses (which may compute otherwise). A
+    module that FSDP2's ``fully_shard`` made a unit of its own has a class made for it, ``FSDP<Class>`` with bases
+    ``(FSDPModule, Class)``, which adds hooks and methods but no computation: its ``Class`` is meant."""
+    cls = type(module)
+    if isinstance(module, FSDPModule) and len(cls.__bases__) == 2 and cls.__bases__[0] is FSDPModule:
+        return cls.__bases__[1]
+    return cls
 
 
 def samples_per_block(module: nn.Module) -> int:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_ewc.per_sample import limits
-from lightning_ewc.per_sample.rules.base import LayerRule
+from lightning_ewc.per_sample.rules.base import LayerRule, module_type
 
 
 class ConvRule(LayerRule):
@@ -20,7 +20,7 @@ class ConvRule(LayerRule):
 
     def applies(self, module: nn.Module) -> bool:
         return (
-            type(module) in (nn.Conv1d, nn.Conv2d)
+            module_type(module) in (nn.Conv1d, nn.Conv2d)
             and module.padding_mode == "zeros"
             and not isinstance(module.padding, str)
         )
@@ -51,7 +51,7 @@ def uses_unfold(module: nn.Module, passes: int) -> bool:
     two together lose to the vmapped weight-gradient convolution."""
     if not isinstance(module, nn.Conv2d) or module.groups != 1:
         return False
-    return passes > 1 or module.weight[0].numel() <= module.out_channels
+    return passes > 1 or module.weight.shape[1:].numel() <= module.out_channels
 
 
 def unfold(module: nn.Module, a: Tensor) -> Tensor:
@@ -108,7 +108,7 @@ class ConvChunks:
         use_unfold = uses_unfold(module, passes)
         per_sample = module.weight.numel()
         if use_unfold:  # the patches [I*K, L] of one sample can be larger than its gradient [O, I*K]
-            per_sample = max(per_sample, module.weight[0].numel() * g[0, 0].numel())
+            per_sample = max(per_sample, module.weight.shape[1:].numel() * g[0, 0].numel())
         chunk = max(1, limits.MAX_BLOCK_ELEMENTS // per_sample)
         for start in range(0, a.shape[0], chunk):
             rows = slice(start, start + chunk)

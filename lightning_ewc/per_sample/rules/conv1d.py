@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from lightning_ewc.per_sample.rules.base import module_type
 from lightning_ewc.per_sample.rules.linear import LinearRule
 
 
@@ -14,7 +15,7 @@ class Conv1DRule(LinearRule):
     transposed = True
 
     def applies(self, module: nn.Module) -> bool:
-        cls = type(module)
+        cls = module_type(module)
         return (
             cls.__name__ == "Conv1D"
             and cls.__module__ == "transformers.pytorch_utils"  # the class itself, not a subclass defined elsewhere

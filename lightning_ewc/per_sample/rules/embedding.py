@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from lightning_ewc.per_sample.rules.base import InputAndGrad, LayerRule, concatenated
+from lightning_ewc.per_sample.rules.base import InputAndGrad, LayerRule, concatenated, module_type
 from lightning_ewc.per_sample.sums import Reduction, reduce_per_sample
 
 
@@ -17,7 +17,7 @@ class EmbeddingRule(LayerRule):
     local_names = ("weight",)
 
     def applies(self, module: nn.Module) -> bool:
-        return type(module) is nn.Embedding and module.max_norm is None
+        return module_type(module) is nn.Embedding and module.max_norm is None
 
     def accepts_samples_dim(self, module: nn.Module, dim: int, input_dim: int) -> bool:
         return dim < input_dim
@@ -35,7 +35,9 @@ class EmbeddingRule(LayerRule):
 
     def batch_sum(self, module, a, g):
         rows = g.reshape(-1, g.shape[-1]) * (a.reshape(-1) != padding(module)).unsqueeze(-1)
-        return {"weight": torch.zeros_like(module.weight, dtype=g.dtype).index_add_(0, a.reshape(-1), rows)}
+        # the weight's shape only: under FSDP2 the weight itself is a shard here, outside the module's forward
+        weight = torch.zeros(module.weight.shape, dtype=g.dtype, device=g.device)
+        return {"weight": weight.index_add_(0, a.reshape(-1), rows)}
 
     def reduced_sums(
         self, module: nn.Module, calls: list[InputAndGrad], reduction: Reduction
@@ -44,7 +46,7 @@ class EmbeddingRule(LayerRule):
         ((a, g),) = self.merge_calls(calls)
         vocab = module.weight.shape[0]
         uniq, rows = grouped_rows(module, a, g)
-        out = torch.zeros_like(module.weight, dtype=rows.dtype)
+        out = torch.zeros(module.weight.shape, dtype=rows.dtype, device=rows.device)
         yield {"weight": out.index_add_(0, uniq % vocab, reduce_per_sample(rows, reduction))}
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_ewc.per_sample.rules.base import LayerRule, sum_over
+from lightning_ewc.per_sample.rules.base import LayerRule, module_type, sum_over
 
 
 class BatchNormRule(LayerRule):
@@ -55,7 +55,7 @@ class LayerNormRule(_TrailingNormRule):
     route = "layernorm"
 
     def applies(self, module: nn.Module) -> bool:
-        return type(module) is nn.LayerNorm and module.elementwise_affine
+        return module_type(module) is nn.LayerNorm and module.elementwise_affine
 
     def normalized(self, module, a):
         return F.layer_norm(a, module.normalized_shape, eps=module.eps)
@@ -69,7 +69,7 @@ class RMSNormRule(_TrailingNormRule):
 
     def applies(self, module: nn.Module) -> bool:
         rms_norm = getattr(nn, "RMSNorm", None)
-        return rms_norm is not None and type(module) is rms_norm and module.elementwise_affine
+        return rms_norm is not None and module_type(module) is rms_norm and module.elementwise_affine
 
     def normalized(self, module, a):
         return F.rms_norm(a, module.normalized_shape, None, module.eps)
@@ -79,7 +79,7 @@ class GroupNormRule(LayerRule):
     route = "groupnorm"
 
     def applies(self, module: nn.Module) -> bool:
-        return type(module) is nn.GroupNorm and module.affine
+        return module_type(module) is nn.GroupNorm and module.affine
 
     def per_sample(self, module, a, g):
         xhat = F.group_norm(a, module.num_groups, eps=module.eps)
