@@ -52,7 +52,7 @@ def test_every_group_has_the_options_the_docs_promise():
     ]
     assert options("model") == ["causal_lm", "cnn", "mlp", "vit"]
     assert options("trainer") == ["cpu", "gpu"]
-    assert options("strategy") == ["ddp", "ddp_cpu", "single"]
+    assert options("strategy") == ["ddp", "ddp_cpu", "fsdp", "fsdp_cpu", "single"]
     assert options("logger") == ["csv", "many", "none", "tensorboard", "wandb"]
     assert {"split_mnist_task_il", "permuted_mnist_10"} <= set(options("experiment"))
     assert {"lambda_sweep", "optuna"} <= set(options("hparams_search"))

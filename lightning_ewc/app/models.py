@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_ewc import EWCMixin
+from lightning_ewc.app.sharding import shard_blocks
 
 HEAD_LAYOUTS = ("auto", "multi", "single")
 
@@ -211,6 +212,11 @@ class ContinualClassifier(EWCMixin, L.LightningModule):
         self.last_test_accuracies = [float(metric.compute()) for metric in self.test_accuracy]
         for metric in self.test_accuracy:
             metric.reset()
+
+    def configure_model(self) -> None:
+        # strategy=fsdp / fsdp_cpu (ModelParallelStrategy): every layer, then the model, sharded over the ranks;
+        # nothing under any other strategy, nor when a later task's Trainer calls this again
+        shard_blocks(self, self.backbone)
 
     def configure_optimizers(self):
         return self.optimizer_factory(self.parameters())

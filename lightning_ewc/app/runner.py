@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -18,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
-import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -32,6 +32,7 @@ from lightning_ewc.app.methods import METHODS, CarryOptimizerState
 from lightning_ewc.app.metrics import format_matrices, format_matrix, summarize
 from lightning_ewc.app.models import ContinualClassifier, resolve_heads
 from lightning_ewc.app.sequences import SequenceStream
+from lightning_ewc.app.sharding import RestoreTaskEnd, is_distributed_checkpoint, restore_task_end
 from lightning_ewc.app.streams import SCENARIOS, TaskStream
 
 CHECKPOINTS = "checkpoints"
@@ -238,15 +239,18 @@ def _train_stream(cfg: DictConfig, compared: Results | None = None, comparison_f
     if results.baseline is None:  # accuracy of the untrained network: the reference for forward transfer
         results.baseline = _test(_trainer(cfg, [], [], enable_progress_bar=False), model, datamodule)
     first_task = results.tasks_done
+    restoring: list[L.Callback] = []  # restores a sharded checkpoint inside the first fit, once the model is sharded
     if first_task > 0:  # resuming: the weights and callback states after the last finished task
-        _restore(ckpt_dir / f"task{first_task - 1}_end.ckpt", model, persistent)
+        restoring = _restore(ckpt_dir / f"task{first_task - 1}_end.ckpt", model, persistent)
 
     for task in range(first_task, stream.num_tasks):
         model.set_task(task)
         datamodule.set_task(task)
         model.logged_steps_before = results.meta.get("logged_steps", 0)
         mid_task = ckpt_dir / f"task{task}_last.ckpt"
-        callbacks = persistent + [
+        resume_mid_task = bool(cfg.resume) and mid_task.exists()
+        # a mid-task checkpoint holds the weights and callback states too, and Lightning restores it in the fit
+        callbacks = ([] if resume_mid_task else restoring) + persistent + [
             # rolling, overwritten at every epoch end (Lightning writes save_last only beside a top-k file)
             ModelCheckpoint(dirpath=ckpt_dir, filename=mid_task.stem, save_top_k=1, save_on_train_epoch_end=True,
                             enable_version_counter=False),
@@ -262,7 +266,10 @@ def _train_stream(cfg: DictConfig, compared: Results | None = None, comparison_f
         started = time.perf_counter()
         with warnings.catch_warnings():  # the folder holds the previous task's checkpoint on purpose
             warnings.filterwarnings("ignore", message=".*exists and is not empty")
-            trainer.fit(model, datamodule=datamodule, ckpt_path=mid_task if cfg.resume and mid_task.exists() else None)
+            # and the rolling mid-task checkpoint is rewritten on purpose (torch's distributed checkpoint, under fsdp)
+            warnings.filterwarnings("ignore", message="Detected an existing checkpoint in")
+            trainer.fit(model, datamodule=datamodule, ckpt_path=mid_task if resume_mid_task else None)
+        restoring = []
         row = _test(trainer, model, datamodule)
         trainer.save_checkpoint(ckpt_dir / f"task{task}_end.ckpt", weights_only=False)
         results.acc_matrix.append(row)
@@ -272,8 +279,8 @@ def _train_stream(cfg: DictConfig, compared: Results | None = None, comparison_f
             results.save()
             _log_task(loggers, results, task, results.meta["logged_steps"])
             # only now are these superseded: a crash before results.save() resumes from them
-            mid_task.unlink(missing_ok=True)
-            (ckpt_dir / f"task{task - 1}_end.ckpt").unlink(missing_ok=True)
+            _remove_checkpoint(mid_task)
+            _remove_checkpoint(ckpt_dir / f"task{task - 1}_end.ckpt")
         seen = "accuracy on task 0" if task == 0 else f"average accuracy on tasks 0-{task}"
         say(f"{method}: task {task + 1}/{stream.num_tasks} done in {results.task_times[-1]:.1f} s, "
             f"{seen}: {100 * results.summary()['avg_acc']:.2f}%")
@@ -299,15 +306,24 @@ def _log_every_n_steps(cfg: DictConfig, datamodule: TaskDataModule) -> int:
     return max(1, min(configured, math.ceil(per_process / cfg.train.batch_size)))
 
 
-def _restore(path: Path, model: ContinualClassifier, callbacks: list[L.Callback]) -> None:
-    """Weights and callback states from a checkpoint, without Lightning's loop and optimizer state."""
+def _restore(path: Path, model: ContinualClassifier, callbacks: list[L.Callback]) -> list[L.Callback]:
+    """Weights and callback states from a checkpoint, without Lightning's loop and optimizer state. A distributed
+    checkpoint (a directory: strategy=fsdp or fsdp_cpu) loads into the sharded model, which exists only once a fit has
+    set up the strategy: the returned callback restores it there."""
     if not path.exists():
         raise FileNotFoundError(f"cannot resume: {path} is missing; start the run afresh (resume=false)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    model.load_state_dict(state["state_dict"])
-    for callback in callbacks:
-        if callback.state_key in state.get("callbacks", {}):
-            callback.load_state_dict(state["callbacks"][callback.state_key])
+    if is_distributed_checkpoint(path):
+        return [RestoreTaskEnd(path, callbacks)]
+    restore_task_end(path, model, callbacks)
+    return []
+
+
+def _remove_checkpoint(path: Path) -> None:
+    """A checkpoint file, or the directory a sharded (distributed) checkpoint is."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _test(trainer: L.Trainer, model: ContinualClassifier, datamodule: TaskDataModule) -> list[float]:
