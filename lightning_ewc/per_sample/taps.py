@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 
 from lightning_ewc.per_sample.rules import InputAndGrad, LayerRule
 
@@ -57,8 +58,12 @@ class Tap:
             input, output = expanded(input, output, self.samples)
         self.calls.append(Call(input.detach(), output, output._version, graph_input))
         # An in-place op downstream would rewrite `output`'s history, and the gradient autograd gives for it would be
-        # the one after that op. Such taps hand the network a copy instead (found on the first forward).
-        return output.clone() if self.clone_output else output
+        # the one after that op. Such taps hand the network a copy instead (found on the first forward). An FSDP2 unit
+        # gets a copy of an expanded (shared) output too: FSDP2 hooks its pre-backward all-gather on the module's
+        # outputs and warns for a view, whose in-place use downstream would drop that hook.
+        if self.clone_output or (self.shared and isinstance(self.module, FSDPModule)):
+            return output.clone()
+        return output
 
     def rewritten_in_place(self) -> bool:
         return any(call.output._version != call.version for call in self.calls)
