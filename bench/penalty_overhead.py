@@ -14,6 +14,7 @@ Run: python bench/penalty_overhead.py [--quick] [--device cuda]
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections import defaultdict
@@ -70,9 +71,12 @@ def stream_bandwidth(device: str, megabytes: int = 256) -> float:
 
 def main() -> None:
     args = parser(__doc__).parse_args()
-    steps = 30 if args.quick else 300
-    rounds = args.repeats or (2 if args.quick else 7)
-    print(f"# penalty_overhead: batch 128, {steps} steps x {rounds} interleaved rounds, {machine(args.device)}")
+    # Blocks of 20 steps per variant, in an order shuffled anew each round: on a shared host the speed drifts over
+    # seconds, and blocks of hundreds of steps in a fixed order put that drift between the variants.
+    block = 20
+    rounds = args.repeats or (3 if args.quick else 100)
+    print(f"# penalty_overhead: batch 128, {rounds} rounds of {block} steps per variant, variants in shuffled order, "
+          f"{machine(args.device)}")
     report = Report()
     torch.manual_seed(0)
     model = MODELS["mlp"].build().to(args.device)
@@ -80,15 +84,20 @@ def main() -> None:
     batches = mnist_batches(128 * 8, 128, args.device)
     callbacks = {k: consolidated(model, k, "separate") for k in (1, 10, 50)}
     by_gradient = {k: consolidated(model, k, "separate", "gradient") for k in (1, 10, 50)}
-    # Interleave the variants round by round so that machine noise hits them alike; median per step.
+    variants = {"none": {}}
+    for k in callbacks:
+        variants[f"{k} tasks"] = {"penalty": callbacks[k].penalty}
+        variants[f"{k} tasks, gradient"] = {"gradient": by_gradient[k].add_penalty_gradient}
     samples: dict[str, list[float]] = defaultdict(list)
-    step_times(model, optimizer, batches, None, 10, args.device)  # warm-up
+    for options in variants.values():  # warm-up
+        step_times(model, optimizer, batches, options.get("penalty"), 10, args.device, options.get("gradient"))
+    order, rng = list(variants), random.Random(0)
     for _ in range(rounds):
-        samples["none"] += step_times(model, optimizer, batches, None, steps, args.device)
-        for k in callbacks:
-            samples[f"{k} tasks"] += step_times(model, optimizer, batches, callbacks[k].penalty, steps, args.device)
-            samples[f"{k} tasks, gradient"] += step_times(model, optimizer, batches, None, steps, args.device,
-                                                          gradient=by_gradient[k].add_penalty_gradient)
+        rng.shuffle(order)
+        for name in order:
+            options = variants[name]
+            samples[name] += step_times(model, optimizer, batches, options.get("penalty"), block, args.device,
+                                        options.get("gradient"))
     base = statistics.median(samples["none"])
     params = sum(p.numel() for p in model.parameters())
     bandwidth = stream_bandwidth(args.device)

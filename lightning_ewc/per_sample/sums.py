@@ -13,6 +13,16 @@ def reduce_per_sample(x: Tensor, reduction: Reduction) -> Tensor:
     return x.square() if reduction == "sq" else x.abs()
 
 
+def reduce_per_sample_owned(x: Tensor, reduction: Reduction, shared_with: list[Tensor]) -> Tensor:
+    """``r(x)``, in place where ``x`` shares no memory with ``shared_with`` (the tensors it was computed from, which
+    other sums still read): materialised per-sample gradients are the largest tensors of the pass, and a second one of
+    the same size for their squares cost more than the squaring."""
+    storage = x.untyped_storage().data_ptr()
+    if any(t.untyped_storage().data_ptr() == storage for t in shared_with):
+        return reduce_per_sample(x, reduction)
+    return x.square_() if reduction == "sq" else x.abs_()
+
+
 def finite_or_raise(sums: dict[str, Tensor], what: str) -> None:
     # One sum per tensor: NaN and inf anywhere reach it, at a fraction of an elementwise isfinite per tensor.
     totals = torch.stack([t.sum() for t in sums.values()]) if sums else torch.zeros(0)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 
 from lightning_ewc.per_sample import limits
-from lightning_ewc.per_sample.sums import Reduction, reduce_per_sample
+from lightning_ewc.per_sample.sums import Reduction, reduce_per_sample_owned
 
 InputAndGrad = tuple[Tensor, Tensor]  # one call of a module: its input and the gradient at its output
 
@@ -119,4 +119,5 @@ class LayerRule:
         chunk = samples_per_block(module)
         for start in range(0, n, chunk):
             total = self.summed_per_sample(module, merged, slice(start, start + chunk))
-            yield {name: reduce_per_sample(t, reduction).sum(0) for name, t in total.items()}
+            sources = [x for call in merged for x in call]
+            yield {name: reduce_per_sample_owned(t, reduction, sources).sum(0) for name, t in total.items()}
