@@ -279,6 +279,11 @@ def asdl_fisher(model: nn.Module, batches: Batches, estimator: str) -> Runner:
     require("asdfghjkl")
     import asdl
 
+    if batches[0][1].dim() > 1:
+        raise NotAvailable("not supported", "per-position outputs",
+                           "ASDL's cross-entropy Fisher takes [N, C] logits with [N] labels (and its Linear "
+                           "flattens positions into samples: see the encoder's note)")
+
     m = copy.deepcopy(model)
     fisher_type = {"exact": asdl.FISHER_EXACT, "sampled": asdl.FISHER_MC, "empirical": asdl.FISHER_EMP}[estimator]
     config = asdl.FisherConfig(fisher_type=fisher_type, fisher_shapes=[asdl.SHAPE_DIAG],
@@ -361,9 +366,11 @@ def opacus_fisher(model: nn.Module, batches: Batches, estimator: str, freeze_bat
         total = {name: torch.zeros_like(p) for name, p in params.items()}
         for x, y in batches:
             try:
-                logits = net(x)
-                labels = drawn_labels(logits, generator) if estimator == "sampled" else y
-                F.cross_entropy(logits, labels, reduction=reduction).backward()
+                logits = net(x).flatten(0, -2)  # per position: [N·T, C], its loss summing over positions
+                labels = y.flatten()
+                if estimator == "sampled":
+                    labels = torch.where(labels == -100, labels, drawn_labels(logits, generator))
+                F.cross_entropy(logits, labels, ignore_index=-100, reduction=reduction).backward()
             except TypeError as error:  # in backward: functorch's fallback passes a module its first input only
                 kinds = ", ".join(sorted({type(mod).__name__ for mod in outermost([
                     mod for mod in m.modules()
@@ -630,7 +637,7 @@ def table(model_name: str, cells: dict[tuple[str, str], str], columns: list[str]
                 mark = footnotes.setdefault(key, len(footnotes) + 1)
                 cell = f"{cell.cell} [{mark}]"
             row.append(cell)
-        label = f"exact (C = {CLASSES})" if estimator == "exact" else estimator.replace(" ", ", ")
+        label = estimator.replace(" ", ", ")
         print(f"| {label} | " + " | ".join(row) + " |")
     for text, mark in footnotes.items():
         print(f"\n[{mark}] {text}")
