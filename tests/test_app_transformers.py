@@ -181,6 +181,17 @@ def test_mismatched_model_and_stream_are_refused_before_training(overrides, matc
     assert not (tmp_path / "results.json").exists()
 
 
+def test_experiments_take_other_models_or_say_which_setting_to_drop():
+    stream = digits(scenario="task")
+    # The Split MNIST experiments leave the MLP's widths to model=mlp, so another model can replace it.
+    assert isinstance(build_model(compose_app("experiment=split_mnist_task_il", "model=vit"), stream).backbone, ViT)
+    # Permuted MNIST's MLP is 1000 wide: a ViT refuses the width, and the message says how to drop it.
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'hidden'.*~model\.backbone\.<name>"):
+        build_model(compose_app("experiment=permuted_mnist_10", "model=vit"), stream)
+    dropped = compose_app("experiment=permuted_mnist_10", "model=vit", "~model.backbone.hidden")
+    assert isinstance(build_model(dropped, stream).backbone, ViT)
+
+
 def test_tiny_causal_lm_learns_copy_and_ewc_keeps_it(tmp_path):
     """Copy, then reverse: fine-tuning forgets copy, EWC keeps most of it. Chance is 1/5 per answer token."""
     common = [*TINY_LM, "stream.tasks=[copy,reverse]", "train.steps_per_task=150"]

@@ -59,6 +59,22 @@ class CNN(nn.Module):
         return self.dropout(self.fc(self.features(x)))
 
 
+def pre_norm_encoder(dim: int, depth: int, heads: int, mlp_ratio: float, dropout: float) -> nn.TransformerEncoder:
+    """``depth`` pre-norm ``nn.TransformerEncoderLayer`` (GELU, batch first): the trunk of the app's transformers,
+    whose attention and LayerNorms the EWC importance pass takes on closed-form routes."""
+    if dim % heads:
+        raise ValueError(
+            f"model.backbone.dim ({dim}) must be a multiple of model.backbone.heads ({heads}): each attention head "
+            "gets dim / heads features"
+        )
+    layer = nn.TransformerEncoderLayer(
+        dim, heads, dim_feedforward=round(mlp_ratio * dim), dropout=dropout, activation="gelu", batch_first=True,
+        norm_first=True,
+    )
+    # Nested tensors only serve padding masks, which these models do not use (and torch warns about them pre-norm).
+    return nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+
+
 class ViT(nn.Module):
     """Vision transformer: non-overlapping ``patch_size`` x ``patch_size`` patches as tokens, a learned position
     embedding, ``depth`` pre-norm encoder layers, a final LayerNorm, and the mean over the patches.
@@ -92,22 +108,12 @@ class ViT(nn.Module):
                 f"model.backbone.patch_size must be a whole number from 1 to {min(height, width)} for "
                 f"{height}x{width} images (sizes that tile them without padding: {divisors}); got {patch_size!r}"
             )
-        if dim % heads:
-            raise ValueError(
-                f"model.backbone.dim ({dim}) must be a multiple of model.backbone.heads ({heads}): each attention "
-                "head gets dim / heads features"
-            )
         self.patch_size = patch_size
         self.padding = (0, -width % patch_size, 0, -height % patch_size)  # F.pad order: left, right, top, bottom
         self.num_patches = math.ceil(height / patch_size) * math.ceil(width / patch_size)
         self.patches = nn.Conv2d(channels, dim, kernel_size=patch_size, stride=patch_size)
         self.positions = nn.Embedding(self.num_patches, dim)
-        layer = nn.TransformerEncoderLayer(
-            dim, heads, dim_feedforward=round(mlp_ratio * dim), dropout=dropout, activation="gelu",
-            batch_first=True, norm_first=True,
-        )
-        # Nested tensors only serve padding masks, which images do not have (and torch warns about them pre-norm).
-        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.encoder = pre_norm_encoder(dim, depth, heads, mlp_ratio, dropout)
         self.norm = nn.LayerNorm(dim)
         self.out_features = dim
 

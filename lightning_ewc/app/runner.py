@@ -156,7 +156,17 @@ def build_model(cfg: DictConfig, stream: TaskStream) -> ContinualClassifier:
             "give (it gives images): use stream=sequence_tasks, or model=mlp, cnn or vit for images"
         )
     extra = {"vocab_size": stream.vocab_size} if tokens else {}
-    backbone = build(cfg.model.backbone, input_shape=stream.input_shape, **extra)
+    try:
+        backbone = build(cfg.model.backbone, input_shape=stream.input_shape, **extra)
+    except TypeError as err:
+        if "unexpected keyword argument" not in str(err):
+            raise
+        # e.g. experiment=permuted_mnist_10 sets model.backbone.hidden for its MLP, which model=vit does not take
+        raise TypeError(
+            f"{err}; model.backbone holds {sorted(k for k in cfg.model.backbone if k != '_target_')}, some set by an "
+            "experiment config written for another model: drop a setting with ~model.backbone.<name> on the command "
+            "line, or use the model the experiment names"
+        ) from None
     return module(
         backbone,
         scenario=stream.scenario,

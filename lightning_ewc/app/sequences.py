@@ -26,7 +26,7 @@ from torch.utils.data import TensorDataset
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_ewc.app.models import ContinualClassifier
+from lightning_ewc.app.models import ContinualClassifier, pre_norm_encoder
 from lightning_ewc.app.streams import Task, TaskStream
 
 IGNORE_INDEX = -100
@@ -133,19 +133,10 @@ class CausalTransformer(nn.Module):
                 f"CausalTransformer reads token sequences [positions]; the stream gives inputs of shape "
                 f"{tuple(input_shape)}"
             )
-        if dim % heads:
-            raise ValueError(
-                f"model.backbone.dim ({dim}) must be a multiple of model.backbone.heads ({heads}): each attention "
-                "head gets dim / heads features"
-            )
         (length,) = input_shape
         self.tokens = nn.Embedding(vocab_size, dim)
         self.positions = nn.Embedding(length, dim)
-        layer = nn.TransformerEncoderLayer(
-            dim, heads, dim_feedforward=round(mlp_ratio * dim), dropout=dropout, activation="gelu",
-            batch_first=True, norm_first=True,
-        )
-        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.encoder = pre_norm_encoder(dim, depth, heads, mlp_ratio, dropout)
         self.norm = nn.LayerNorm(dim)
         # True above the diagonal: position i may not attend to j > i. Passed with is_causal=True, which torch takes
         # as a hint to use a causal kernel where it has one; the mask itself is what the EWC pass reproduces.
